@@ -1,0 +1,5 @@
+import sys
+
+from llmemb.cli import main
+
+sys.exit(main())

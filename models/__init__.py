@@ -1,0 +1,1 @@
+"""Shared core: prompts, LLM loading + pooling, PCA, adapter, SRS backbones, the bundle format."""

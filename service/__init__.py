@@ -1,0 +1,1 @@
+"""Online service: engine, batching, index, HTTP API. Imports models/, never training/."""

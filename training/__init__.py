@@ -1,0 +1,1 @@
+"""Offline jobs: data, SCFT, embedding, RAT, evaluation, export. Imports models/, never service/."""

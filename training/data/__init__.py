@@ -1,0 +1,1 @@
+"""Loaders: every supported source format -> training.data.dataset.RawDataset."""
