@@ -1,3 +1,5 @@
 """llmemb: LLM item embeddings for sequential recommendation (training jobs + HTTP service)."""
 
-__version__ = "0.1.0"
+from models import __version__
+
+__all__ = ["__version__"]

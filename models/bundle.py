@@ -18,7 +18,6 @@ item = b.table("item")                           # (n_items + 1, d)
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -359,10 +358,9 @@ def _versions() -> dict[str, str | None]:
         except importlib_metadata.PackageNotFoundError:
             out[dist] = None
     if out["llmemb"] is None:  # running from a checkout that was never pip-installed
-        with contextlib.suppress(ImportError):
-            from llmemb import __version__
+        from models import __version__
 
-            out["llmemb"] = __version__
+        out["llmemb"] = __version__
     return out
 
 

