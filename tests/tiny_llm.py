@@ -1,0 +1,75 @@
+"""Tiny random-weight LLaMA checkpoints + a synthetic catalog, for the SCFT and embedding tests (built in-process).
+
+Import with ``from tests.tiny_llm import ...`` (pytest puts the repo root on sys.path).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.data.dataset import PreparedDataset
+
+INSTRUCTION = "The toy has the following attributes: "
+TITLES = "red blue green small large wooden metal soft fast slow old new bright dark round square".split()
+KINDS = "car ball doll train robot kite puzzle drum boat plane bear block".split()
+GENRES = "action comedy drama puzzle music sport outdoor baby".split()
+WORDS = sorted(
+    set(TITLES + KINDS + GENRES)
+    | set("the toy has following attributes : title is ; year genres , kind".split())
+    | {str(y) for y in range(1990, 2000)}
+)
+
+
+def build_tiny_llama(path: str | Path, words: list[str] | None = None, seed: int = 0) -> Path:
+    """Write a 2-layer, d=32 random LLaMA (LM head included, as a real checkout) + word-level tokenizer to ``path``.
+
+    The tokenizer has BOS/EOS but no pad token (like LLaMA's); unknown words map to <unk>.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {token: i for i, token in enumerate(specials + list(words or WORDS))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    path = Path(path)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def toy_dataset(n_items: int = 40, seed: int = 0) -> PreparedDataset:
+    """A PreparedDataset of ``n_items`` toys with 3 attributes each (title, year, genres), ids 1..n_items."""
+    rng = np.random.default_rng(seed)
+    attributes: list[dict] = [{}]
+    for _ in range(n_items):
+        title = f"{rng.choice(TITLES)} {rng.choice(TITLES)} {rng.choice(KINDS)}"
+        genres = [str(g) for g in rng.choice(GENRES, size=int(rng.integers(1, 3)), replace=False)]
+        attributes.append({"title": title, "year": str(int(rng.integers(1990, 2000))), "genres": genres})
+    sequences = [np.arange(1, n_items + 1, dtype=np.int64)[i : i + 5] for i in range(0, n_items - 4, 5)]
+    return PreparedDataset(
+        name="toys",
+        item_ids=["<pad>"] + [f"t{i}" for i in range(1, n_items + 1)],
+        user_ids=[f"u{i}" for i in range(len(sequences))],
+        sequences=sequences,
+        attributes=attributes,
+        instruction=INSTRUCTION,
+    )
