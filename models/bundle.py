@@ -41,7 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from models.adapter import Adapter, AdapterConfig
-from models.io import atomic_write_text, fsync_dir, fsync_file, sha256_file
+from models.io import TABLE_KEY, atomic_write_text, fsync_dir, fsync_file, sha256_file
 from models.pca import PCA
 
 SCHEMA_VERSION = 1  # bump when a reader of the previous version would misread a bundle
@@ -58,7 +58,6 @@ ADAPTER_FILE = "adapter.safetensors"
 SRS_DIR = "srs"
 TABLES_DIR = "tables"
 ITEMS_FILE = "items.jsonl"
-TABLE_KEY = "weight"  # the tensor name inside tables/<name>.safetensors (as in nn.Embedding.weight)
 TABLE_NAMES = ("llm", "pca", "item")  # the conventional tables; other lowercase names are allowed
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")  # table and backbone names become file names

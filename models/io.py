@@ -17,6 +17,8 @@ from typing import IO
 
 _CHUNK = 1 << 20  # 1 MiB reads: large enough to saturate a disk, small enough to never matter for memory
 
+TABLE_KEY = "weight"  # the tensor name inside every table file (as in nn.Embedding.weight)
+
 
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes, read in 1 MiB chunks."""

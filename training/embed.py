@@ -28,8 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from models.bundle import TABLE_KEY
-from models.io import fsync_dir, fsync_file, sha256_file, tmp_path_for
+from models.io import TABLE_KEY, fsync_dir, fsync_file, sha256_file, tmp_path_for
 from models.llm import LLMConfig, LLMEmbedder, file_sha256, load_lora, merge_lora
 from models.prompts import PromptConfig, build_prompt
 from training.data.dataset import PreparedDataset
