@@ -35,11 +35,15 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32, help="SCFT items per step (two views each)")
     p.add_argument("--lr", type=float, default=2e-4, help="SCFT learning rate")
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
-    p.add_argument("--view-mode", default="auto", choices=["auto", "attr", "span"], help="SCFT view augmentation")
+    p.add_argument(
+        "--view-mode", default="auto", choices=["auto", "attr", "span"], help="SCFT view augmentation"
+    )
     p.add_argument("--drop", type=float, default=0.2, help="drop ratio for attributes / word spans")
     p.add_argument("--max-length", type=int, default=64, help="prompt tokens kept")
     p.add_argument("--embed-batch", type=int, default=64, help="catalog embedding batch size")
-    p.add_argument("--half-copy", type=Path, default=None, help="also write float16 copies of the tables here")
+    p.add_argument(
+        "--half-copy", type=Path, default=None, help="also write float16 copies of the tables here"
+    )
     args = p.parse_args()
 
     data = prepare(args.dataset)
@@ -73,12 +77,25 @@ def main() -> None:
     if args.half_copy:
         args.half_copy.mkdir(parents=True, exist_ok=True)
         for name, t in (("llm_raw", raw), ("llm_scft", tuned)):
-            save_file({"weight": t.half().contiguous()}, str(args.half_copy / f"{data.name}-{name}.safetensors"))
+            save_file(
+                {"weight": t.half().contiguous()}, str(args.half_copy / f"{data.name}-{name}.safetensors")
+            )
     scft_report = json.loads((args.out / "scft" / "scft.json").read_text())
-    print(json.dumps({"dataset": data.name, "n_items": data.n_items, "dim": raw.shape[1],
-                      "device": str(embedder.device), **timings,
-                      "probe": scft_report.get("probe"), "final_loss": scft_report.get("final_loss"),
-                      "temperature": scft_report.get("temperature")}, default=str))
+    print(
+        json.dumps(
+            {
+                "dataset": data.name,
+                "n_items": data.n_items,
+                "dim": raw.shape[1],
+                "device": str(embedder.device),
+                **timings,
+                "probe": scft_report.get("probe"),
+                "final_loss": scft_report.get("final_loss"),
+                "temperature": scft_report.get("temperature"),
+            },
+            default=str,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -28,6 +28,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_srs_args(srs)
     srs.set_defaults(func=cmd_train_srs)
 
+    rat = train_sub.add_parser(
+        "rat",
+        help="RAT (paper stage 2): an SRS backbone on LLM item vectors (LLMEmb, LLM2X, ablations, ID residual)",
+        description="Train an SRS backbone on LLM item vectors (training/rat.py). Runs are written to "
+        "OUT/<dataset>/<backbone>/<label>[-<llm>]/seed<N> (checkpoint in inference form, pca, adapter, "
+        "rat.json, metrics.json); `llmemb report collect OUT` groups them by method label and LLM.",
+    )
+    _add_data_args(rat)
+    _add_srs_args(rat)
+    _add_rat_args(rat)
+    rat.set_defaults(func=cmd_train_rat)
+
     ev = sub.add_parser("evaluate", help="evaluate saved SRS checkpoints on the test split")
     _add_data_args(ev)
     ev.add_argument("checkpoints", nargs="+", type=Path, help="checkpoint directories written by `train srs`")
@@ -96,6 +108,60 @@ def _add_srs_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_rat_args(p: argparse.ArgumentParser) -> None:
+    from training.rat import METHODS
+
+    p.add_argument("--method", default="LLMEmb", choices=METHODS, help="RAT method or ablation")
+    p.add_argument(
+        "--label",
+        default=None,
+        help="method label recorded in metrics.json and the run directory (default: --method); "
+        "name sweeps apart, e.g. 'LLMEmb+gatedID sigmoid'",
+    )
+    p.add_argument(
+        "--llm-table",
+        type=Path,
+        default=None,
+        help="catalog table written by the embed step (safetensors, tensor 'weight', (n_items + 1, d))",
+    )
+    p.add_argument(
+        "--llm-name",
+        default=None,
+        help="LLM name recorded in metrics.json (default: from the table's metadata, e.g. 'minilm+scft')",
+    )
+    p.add_argument(
+        "--id-checkpoint",
+        default=None,
+        help="ID-SASRec checkpoint whose item table is the alignment target; '{seed}' is replaced by the seed "
+        "(default: OUT/<dataset>/sasrec/seed<N>, where `train srs` writes)",
+    )
+    p.add_argument("--alpha", type=float, default=0.01, help="alignment weight (Eq. 8)")
+    p.add_argument("--gamma", type=float, default=1.0, help="alignment temperature (Eq. 7)")
+    p.add_argument("--align-form", default="infonce", choices=["infonce", "paper"], help="contrastive form")
+    p.add_argument("--d-m", type=int, default=None, help="PCA size (default min(1536, d_llm, n_items))")
+    p.add_argument("--adapter-dropout", type=float, default=0.0, help="dropout on the adapter's hidden code")
+    p.add_argument("--gate", default="linear", choices=["linear", "sigmoid"], help="LLMEmb+gatedID gate")
+    p.add_argument(
+        "--gate-scale",
+        type=float,
+        default=None,
+        help="count where the gate saturates (linear) / is 0.5 (sigmoid); default: the tail/head boundary count",
+    )
+    p.add_argument("--residual-l2", type=float, default=0.0, help="L2 weight on the gated ID residual")
+    p.add_argument("--residual-dropout", type=float, default=0.0, help="drop whole residual vectors")
+
+
+def _llm_name(path: Path) -> str:
+    from training.embed import read_table_metadata
+
+    meta = read_table_metadata(path)
+    source = meta.get("model_source")
+    if not source:
+        return path.stem
+    name = Path(source).name if ("/" in source or source.endswith(".gguf")) else source
+    return name + ("" if meta.get("lora_sha256", "none") == "none" else "+scft")
+
+
 def _split_config(args: argparse.Namespace):
     from training.split import SplitConfig
 
@@ -149,6 +215,79 @@ def cmd_train_srs(args: argparse.Namespace) -> int:
             f"{result.seconds_per_epoch:.2f} s/epoch, checkpoint {out}"
         )
     records = results_records(data.name, args.backbone, "None", None, per_seed, git_commit())
+    print()
+    print(markdown_table(records))
+    if args.results:
+        merge_records(args.results, records)
+        print(f"merged {len(records)} records into {args.results}")
+    return 0
+
+
+def cmd_train_rat(args: argparse.Namespace) -> int:
+    from training.embed import load_table
+    from training.rat import RATConfig, load_id_table, main, method_slug, save_rat
+    from training.report import git_commit, markdown_table, merge_records, results_records
+    from training.split import format_stats
+    from training.srs import SRSTrainConfig
+
+    data = _prepare(args)
+    print(format_stats(data.stats))
+    label = args.label or args.method
+    llm_table = llm = None
+    if args.method != "None":
+        if args.llm_table is None:
+            raise SystemExit(f"--method {args.method!r} needs --llm-table")
+        llm_table, llm = load_table(args.llm_table), args.llm_name or _llm_name(args.llm_table)
+    per_seed = {}
+    for seed in args.seeds:
+        srs_cfg = SRSTrainConfig(
+            backbone=args.backbone,
+            seed=seed,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            max_epochs=args.epochs,
+            patience=args.patience,
+            hidden=args.hidden,
+            n_layers=args.layers,
+            n_heads=args.heads,
+            dropout=args.dropout,
+            max_len=args.max_len,
+            device=args.device,
+        )
+        cfg = RATConfig(
+            srs=srs_cfg,
+            method=args.method,
+            d_m=args.d_m,
+            alpha=args.alpha,
+            gamma=args.gamma,
+            align_form=args.align_form,
+            adapter_dropout=args.adapter_dropout,
+            gate=args.gate,
+            gate_scale=args.gate_scale,
+            residual_l2=args.residual_l2,
+            residual_dropout=args.residual_dropout,
+        )
+        id_table = None
+        if cfg.effective_alpha > 0:
+            ckpt = args.id_checkpoint or str(args.out / data.name / "sasrec" / "seed{seed}")
+            ckpt = Path(ckpt.replace("{seed}", str(seed)))
+            if not (ckpt / "config.json").is_file():
+                raise SystemExit(
+                    f"no ID checkpoint at {ckpt}: train one with `llmemb train srs --hidden {args.hidden}` "
+                    "or pass --id-checkpoint (or --alpha 0)"
+                )
+            id_table = load_id_table(ckpt)
+        result = main(cfg, data, llm_table, id_table)
+        slug = method_slug(label) + (f"-{method_slug(llm)}" if llm else "")
+        out = args.out / data.name / args.backbone / slug / f"seed{seed}"
+        save_rat(result, out, data=data, llm=llm)
+        write_run_metrics(out, data.name, args.backbone, label, llm, seed, result)
+        per_seed[seed] = result.test
+        print(
+            f"seed {seed}: best epoch {result.best_epoch}, valid N@10 {result.best_val:.4f}, "
+            f"{result.seconds_per_epoch:.2f} s/epoch, checkpoint {out}"
+        )
+    records = results_records(data.name, args.backbone, label, llm, per_seed, git_commit())
     print()
     print(markdown_table(records))
     if args.results:

@@ -28,7 +28,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -243,13 +243,21 @@ class TrainBatches:
 
 
 # ---- the job --------------------------------------------------------------------------------------------------
+AuxLoss = Callable[[SRSBackbone, dict[str, torch.Tensor]], torch.Tensor]
+
+
 def main(
-    cfg: SRSTrainConfig, data: PreparedDataset | None = None, item_encoder: ItemEncoder | None = None
+    cfg: SRSTrainConfig,
+    data: PreparedDataset | None = None,
+    item_encoder: ItemEncoder | None = None,
+    aux_loss: AuxLoss | None = None,
 ) -> TrainResult:
     """Train cfg.backbone on `data` (default: training.split.prepare(cfg.dataset)); returns the best model.
 
     item_encoder: None -> a fresh trainable ID table; or e.g. IDEncoder(init=PCA'd LLM table) (LLM2X), or a
-    FrozenTableEncoder.
+    FrozenTableEncoder, or the RAT encoders (frozen table + adapter, see training/rat.py).
+    aux_loss: optional (model, batch on device) -> scalar added to the backbone's loss at every step (RAT's
+    alpha * L_align, Eq. 8). Its mean per epoch is logged in `history` as "aux"; "loss" is the total.
     """
     from training.evaluate import EvalConfig, Evaluator
 
@@ -273,10 +281,14 @@ def main(
     bar = tqdm(range(1, cfg.max_epochs + 1), desc=f"{cfg.backbone} {data.name}", unit="epoch", disable=None)
     for epoch in bar:
         model.train()
-        t0, total, count = time.perf_counter(), 0.0, 0
+        t0, total, aux_total, count = time.perf_counter(), 0.0, 0.0, 0
         for batch in batches:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             loss = model.loss(batch)
+            if aux_loss is not None:
+                aux = aux_loss(model, batch)
+                loss = loss + aux
+                aux_total += float(aux.detach())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -289,6 +301,8 @@ def main(
             "seconds": time.perf_counter() - t0,
             "val_N@10": None,
         }
+        if aux_loss is not None:
+            row["aux"] = aux_total / count
         if epoch % cfg.eval_every == 0 or epoch == cfg.max_epochs:
             row["val_N@10"] = val = _validate(model, evaluator, cfg.val_protocol)
             if val > best_val:
@@ -329,26 +343,38 @@ def _validate(model: SRSBackbone, evaluator: Any, protocol: str) -> float:
 def save_checkpoint(
     model: SRSBackbone, cfg: SRSTrainConfig, path: str | Path, data: PreparedDataset | None = None
 ) -> Path:
-    """Write `path/model.safetensors` and `path/config.json` (each atomically); returns `path`."""
+    """Write `path/model.safetensors` and `path/config.json` (each atomically); returns `path`.
+
+    An item encoder that is neither an ID table nor a frozen table but has `to_frozen()` (the RAT encoders:
+    frozen LLM table + adapter, + ID residual) is saved in its inference form (method step 7): its table is
+    precomputed and stored as a frozen table, so `load_checkpoint` gives a model with exactly the same scores.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    trained_encoder = type(model.item_encoder).__name__
     if isinstance(model.item_encoder, FrozenTableEncoder):
         encoder = "frozen"
     elif isinstance(model.item_encoder, IDEncoder):
         encoder = "id"
+    elif hasattr(model.item_encoder, "to_frozen"):
+        encoder = "frozen"
+        state = {k: v for k, v in state.items() if not k.startswith("item_encoder.")}
+        state["item_encoder.weight"] = model.item_encoder.to_frozen().weight
     else:
-        raise TypeError(f"cannot checkpoint item encoder {type(model.item_encoder).__name__}")
+        raise TypeError(f"cannot checkpoint item encoder {trained_encoder}")
     meta: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "backbone": cfg.backbone,
         "item_encoder": encoder,
+        "trained_item_encoder": trained_encoder,
         "item_dim": model.item_encoder.dim,
         "srs_config": asdict(model.config),
         "train_config": asdict(cfg),
     }
     if data is not None:
         meta["dataset"] = {"name": data.name, "n_items": data.n_items, "n_users": data.n_users}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     tmp = path / ".model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": str(CHECKPOINT_FORMAT)})
     os.replace(tmp, path / "model.safetensors")
