@@ -140,7 +140,7 @@ def _add_rat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--align-form", default="infonce", choices=["infonce", "paper"], help="contrastive form")
     p.add_argument("--d-m", type=int, default=None, help="PCA size (default min(1536, d_llm, n_items))")
     p.add_argument("--adapter-dropout", type=float, default=0.0, help="dropout on the adapter's hidden code")
-    p.add_argument("--gate", default="linear", choices=["linear", "sigmoid"], help="LLMEmb+gatedID gate")
+    p.add_argument("--gate", default="sigmoid", choices=["linear", "sigmoid"], help="LLMEmb+gatedID gate")
     p.add_argument(
         "--gate-scale",
         type=float,

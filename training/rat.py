@@ -94,7 +94,7 @@ class RATConfig:
     residual_init_std: float = 0.0  # 0: training starts from exactly the LLMEmb encoder
     residual_dropout: float = 0.0  # drop whole residual vectors (item falls back to its semantic vector)
     residual_l2: float = 0.0  # + residual_l2 * mean |g r_i|^2 over the batch's distinct items
-    gate: str = "linear"  # "LLMEmb+gatedID" only: "linear" | "sigmoid"
+    gate: str = "sigmoid"  # "LLMEmb+gatedID" only: "linear" | "sigmoid" (learnable; measured >= linear)
     # Count where the gate saturates (linear) / is 0.5 (sigmoid). None: the training count at the tail/head
     # boundary (the evaluator's 80 % Pareto split), so tail items get a partial residual and head items a full one.
     gate_scale: float | None = None
