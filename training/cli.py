@@ -174,6 +174,52 @@ def _prepare(args: argparse.Namespace):
     return prepare(args.dataset, _split_config(args), cache_dir=args.cache_dir, fmt=args.format)
 
 
+def _srs_train_config(args: argparse.Namespace, seed: int):
+    from training.srs import SRSTrainConfig
+
+    return SRSTrainConfig(
+        backbone=args.backbone,
+        seed=seed,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        max_epochs=args.epochs,
+        patience=args.patience,
+        hidden=args.hidden,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        dropout=args.dropout,
+        max_len=args.max_len,
+        device=args.device,
+    )
+
+
+def _finish_run(
+    out: Path, dataset: str, backbone: str, method: str, llm: str | None, seed: int, result
+) -> dict:
+    """Record one finished seed beside its checkpoint, print a line, return its test metrics."""
+    write_run_metrics(out, dataset, backbone, method, llm, seed, result)
+    print(
+        f"seed {seed}: best epoch {result.best_epoch}, valid N@10 {result.best_val:.4f}, "
+        f"{result.seconds_per_epoch:.2f} s/epoch, checkpoint {out}"
+    )
+    return result.test
+
+
+def _report(
+    args: argparse.Namespace, dataset: str, backbone: str, method: str, llm: str | None, per_seed
+) -> int:
+    """Print the mean ± std table over seeds and merge it into --results when given."""
+    from training.report import git_commit, markdown_table, merge_records, results_records
+
+    records = results_records(dataset, backbone, method, llm, per_seed, git_commit())
+    print()
+    print(markdown_table(records))
+    if args.results:
+        merge_records(args.results, records)
+        print(f"merged {len(records)} records into {args.results}")
+    return 0
+
+
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from training.split import format_stats
 
@@ -183,52 +229,25 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train_srs(args: argparse.Namespace) -> int:
-    from training.report import git_commit, markdown_table, merge_records, results_records
     from training.split import format_stats
-    from training.srs import SRSTrainConfig, main, save_checkpoint
+    from training.srs import main, save_checkpoint
 
     data = _prepare(args)
     print(format_stats(data.stats))
     per_seed = {}
     for seed in args.seeds:
-        cfg = SRSTrainConfig(
-            backbone=args.backbone,
-            seed=seed,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            max_epochs=args.epochs,
-            patience=args.patience,
-            hidden=args.hidden,
-            n_layers=args.layers,
-            n_heads=args.heads,
-            dropout=args.dropout,
-            max_len=args.max_len,
-            device=args.device,
-        )
+        cfg = _srs_train_config(args, seed)
         result = main(cfg, data)
         out = args.out / data.name / args.backbone / f"seed{seed}"
         save_checkpoint(result.model, cfg, out, data=data)
-        write_run_metrics(out, data.name, args.backbone, "None", None, seed, result)
-        per_seed[seed] = result.test
-        print(
-            f"seed {seed}: best epoch {result.best_epoch}, valid N@10 {result.best_val:.4f}, "
-            f"{result.seconds_per_epoch:.2f} s/epoch, checkpoint {out}"
-        )
-    records = results_records(data.name, args.backbone, "None", None, per_seed, git_commit())
-    print()
-    print(markdown_table(records))
-    if args.results:
-        merge_records(args.results, records)
-        print(f"merged {len(records)} records into {args.results}")
-    return 0
+        per_seed[seed] = _finish_run(out, data.name, args.backbone, "None", None, seed, result)
+    return _report(args, data.name, args.backbone, "None", None, per_seed)
 
 
 def cmd_train_rat(args: argparse.Namespace) -> int:
     from training.embed import load_table
     from training.rat import RATConfig, load_id_table, main, method_slug, save_rat
-    from training.report import git_commit, markdown_table, merge_records, results_records
     from training.split import format_stats
-    from training.srs import SRSTrainConfig
 
     data = _prepare(args)
     print(format_stats(data.stats))
@@ -240,20 +259,7 @@ def cmd_train_rat(args: argparse.Namespace) -> int:
         llm_table, llm = load_table(args.llm_table), args.llm_name or _llm_name(args.llm_table)
     per_seed = {}
     for seed in args.seeds:
-        srs_cfg = SRSTrainConfig(
-            backbone=args.backbone,
-            seed=seed,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            max_epochs=args.epochs,
-            patience=args.patience,
-            hidden=args.hidden,
-            n_layers=args.layers,
-            n_heads=args.heads,
-            dropout=args.dropout,
-            max_len=args.max_len,
-            device=args.device,
-        )
+        srs_cfg = _srs_train_config(args, seed)
         cfg = RATConfig(
             srs=srs_cfg,
             method=args.method,
@@ -281,19 +287,8 @@ def cmd_train_rat(args: argparse.Namespace) -> int:
         slug = method_slug(label) + (f"-{method_slug(llm)}" if llm else "")
         out = args.out / data.name / args.backbone / slug / f"seed{seed}"
         save_rat(result, out, data=data, llm=llm)
-        write_run_metrics(out, data.name, args.backbone, label, llm, seed, result)
-        per_seed[seed] = result.test
-        print(
-            f"seed {seed}: best epoch {result.best_epoch}, valid N@10 {result.best_val:.4f}, "
-            f"{result.seconds_per_epoch:.2f} s/epoch, checkpoint {out}"
-        )
-    records = results_records(data.name, args.backbone, label, llm, per_seed, git_commit())
-    print()
-    print(markdown_table(records))
-    if args.results:
-        merge_records(args.results, records)
-        print(f"merged {len(records)} records into {args.results}")
-    return 0
+        per_seed[seed] = _finish_run(out, data.name, args.backbone, label, llm, seed, result)
+    return _report(args, data.name, args.backbone, label, llm, per_seed)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -20,13 +20,7 @@ N_ITEMS, HIDDEN, MAX_LEN = 30, 16, 12
 NAMES = sorted(BACKBONES)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are overhead-bound: one thread is faster, and immune to a busy machine's oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(**kw) -> SRSConfig:
