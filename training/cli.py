@@ -61,6 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     col.add_argument("--results", type=Path, default=None, help="merge the records into this results.json")
     col.set_defaults(func=cmd_report_collect)
+    _register_report_figures(rep_sub)
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -372,4 +373,81 @@ def cmd_report_collect(args: argparse.Namespace) -> int:
     if args.results:
         merge_records(args.results, records)
         print(f"merged {len(records)} records into {args.results}")
+    return 0
+
+
+def _register_report_figures(rep_sub: argparse._SubParsersAction) -> None:
+    fig = rep_sub.add_parser(
+        "figures",
+        help="PNGs of finished runs: popularity-group bars (paper Fig. 5), 2-D item-table maps (Fig. 6)",
+        description="Fig. 5: H@10 / N@10 per popularity group (the evaluator's groups in metrics.json), mean ± "
+        "std over seeds, one PNG per (dataset, backbone, protocol). Fig. 6: each method's effective item table "
+        "(ID table for None and LLM2X, adapter output for LLMEmb) by 2-D PCA, coloured by training count, one "
+        "PNG per (dataset, backbone). The training counts come from preparing the dataset (--dataset, else the "
+        "run's dataset name, e.g. ml-100k) through the cache. See training/plots.py.",
+    )
+    fig.add_argument(
+        "runs", nargs="+", type=Path, help="run directories or folders above them (searched recursively)"
+    )
+    fig.add_argument("--out", type=Path, default=Path("docs/figures"), help="output directory for the PNGs")
+    fig.add_argument(
+        "--methods",
+        nargs="+",
+        default=["None", "LLM2X", "LLMEmb"],
+        help="method labels to draw, in this order (as recorded in metrics.json)",
+    )
+    fig.add_argument("--llm", default=None, help="only LLM-based runs of this LLM name (default: all)")
+    fig.add_argument("--protocols", nargs="+", default=["sampled100", "full"], help="Fig. 5 protocols")
+    fig.add_argument(
+        "--dataset",
+        action="append",
+        default=None,
+        help="dataset (name or path) whose training counts colour the maps and label the groups; repeatable; "
+        "matched to runs by prepared name (default: each run's dataset name, used as a source)",
+    )
+    fig.add_argument("--format", default=None, help="source format of --dataset")
+    fig.add_argument("--user-core", type=int, default=5, help="k-core the runs were trained with (users)")
+    fig.add_argument("--item-core", type=int, default=5, help="k-core the runs were trained with (items)")
+    fig.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where prepared datasets are cached")
+    fig.add_argument("--map-seed", type=int, default=None, help="seed for Fig. 6 (default: the lowest)")
+    fig.add_argument("--no-maps", action="store_true", help="only Fig. 5 (no dataset needed)")
+    fig.set_defaults(func=cmd_report_figures)
+
+
+def cmd_report_figures(args: argparse.Namespace) -> int:
+    from training.plots import find_runs, write_figures
+
+    runs = find_runs(args.runs)
+    if not runs:
+        print(f"no {RUN_METRICS} found under {[str(p) for p in args.runs]}")
+        return 1
+    counts: dict[str, object] = {}
+    for source in args.dataset or []:
+        data = _prepare(argparse.Namespace(**{**vars(args), "dataset": source}))
+        counts[data.name] = data.item_popularity()
+
+    def popularity(name: str):
+        """Training counts of a run's dataset: from --dataset, else its name tried as a source (best effort)."""
+        if name not in counts and not args.dataset and not args.no_maps:
+            try:
+                data = _prepare(argparse.Namespace(**{**vars(args), "dataset": name}))
+                counts[name] = data.item_popularity()
+            except Exception as e:  # without the counts only the map (and the count labels) are left out
+                print(f"{name}: cannot prepare it ({type(e).__name__}: {e}); pass --dataset PATH for its map")
+                counts[name] = None
+        return counts.get(name)
+
+    written = write_figures(
+        runs,
+        args.out,
+        methods=args.methods,
+        protocols=args.protocols,
+        llm=args.llm,
+        popularity=popularity,
+        maps=not args.no_maps,
+        map_seed=args.map_seed,
+    )
+    if not written:
+        print(f"no figures: no runs of methods {args.methods} with popularity-group metrics")
+        return 1
     return 0
