@@ -30,6 +30,9 @@ format: ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+docker-config: ## lint the Dockerfiles (hadolint) and validate docker-compose*.yml (docker compose config); no engine needed
+	@scripts/docker_check.sh
+
 bench-srs: install ## SASRec seconds/epoch vs RecBole 1.2.1 on ml-100k (own venv for RecBole)
 	bench/setup_recbole_venv.sh
 	$(BIN)/python bench/srs_speed.py
