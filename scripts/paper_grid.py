@@ -1,0 +1,220 @@
+"""The paper's Table 1 / Table 2 grid (plus the γ sweep and the variants beyond the paper) as parallel processes.
+
+    python scripts/paper_grid.py --work /tmp/grid --llm /path/smollm2.gguf --llm-name SmolLM2-135M-Instruct \
+        --dataset ml-100k --dataset path/to/amazon-beauty --parallel 20 --deadline 540
+
+Jobs, with their dependencies:
+  tables-<ds>            scripts/llm_tables.py: raw + SCFT LLM tables (LLM2X / w/o SCFT use raw, the rest SCFT)
+  id-<ds>-s<seed>        ID-SASRec (`llmemb train srs`), the alignment target of RAT
+  <ds>-<bb>-<method>-s<seed>   `llmemb train rat` (needs the tables; aligned methods also need id-<ds>-s<seed>)
+
+Every job writes into WORK/jobs/<name>/ and counts as done when a metrics.json (RAT / ID) or llm_scft.safetensors
+(tables) is there, so rerunning the same command skips finished work: a grid too big for one sitting is finished by
+running it again. `--deadline S` stops launching jobs S seconds after the start and kills what still runs at
+S + `--grace`; killed jobs start from scratch next time. At the end the metrics.json files of finished runs are
+collected with `llmemb report collect` and, with `--copy-to DIR`, copied there (tables too, as float16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BACKBONES = ("sasrec", "gru4rec", "bert4rec")
+
+
+@dataclass
+class Job:
+    name: str
+    argv: list[str]
+    done_file: str  # relative to the job dir
+    deps: list[str] = field(default_factory=list)
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+
+
+def _slug(ds: str) -> str:
+    return Path(ds).name
+
+
+def build_jobs(args: argparse.Namespace) -> list[Job]:
+    llmemb = [sys.executable, "-m", "llmemb"]
+    work = args.work / "jobs"
+    common = ["--epochs", str(args.epochs), "--patience", str(args.patience)]
+    jobs: list[Job] = []
+    for ds in args.dataset:
+        d = _slug(ds)
+        tdir = work / f"tables-{d}"
+        scft = ["--epochs", str(args.scft_epochs.get(d, 3)), "--batch-size", str(args.scft_batch)]
+        jobs.append(
+            Job(
+                f"tables-{d}",
+                [sys.executable, str(ROOT / "scripts" / "llm_tables.py"), "--dataset", ds, "--llm", args.llm]
+                + ["--out", str(tdir)]
+                + scft,
+                "llm_scft.safetensors",
+            )
+        )
+        raw, tuned = tdir / "llm_raw.safetensors", tdir / "llm_scft.safetensors"
+        for seed in args.seeds:
+            jobs.append(
+                Job(
+                    f"id-{d}-s{seed}",
+                    llmemb
+                    + ["train", "srs", "--dataset", ds, "--backbone", "sasrec", "--seeds", str(seed)]
+                    + ["--out", str(work / f"id-{d}-s{seed}")]
+                    + common,
+                    "**/metrics.json",
+                )
+            )
+
+        def rat(bb: str, method: str, seed: int, table: Path, label: str | None = None, extra=(), d=d, ds=ds):
+            lab = label or method
+            name = f"{d}-{bb}-{lab}-s{seed}".replace(" ", "_").replace("/", "")
+            aligned = method not in ("LLM2X", "LLMEmb w/o adapter", "LLMEmb w/o align", "None")
+            id_dir = work / f"id-{d}-s{seed}" / d / "sasrec" / f"seed{seed}"
+            argv = llmemb + ["train", "rat", "--dataset", ds, "--backbone", bb, "--seeds", str(seed)]
+            argv += ["--method", method, "--label", lab, "--llm-table", str(table)]
+            argv += ["--llm-name", args.llm_name, "--out", str(work / name), "--gamma", str(args.gamma)]
+            argv += ["--id-checkpoint", str(id_dir)] if aligned else ["--alpha", "0"]
+            argv += common + list(extra)
+            deps = [f"tables-{d}"] + ([f"id-{d}-s{seed}"] if aligned else [])
+            jobs.append(Job(name, argv, "**/metrics.json", deps))
+
+        for seed in args.seeds:
+            # Slow ones first (Bert4Rec / GRU4Rec on big catalogs), so they get the most of a sitting.
+            for bb in ("gru4rec", "bert4rec", "sasrec"):
+                rat(bb, "LLMEmb", seed, tuned)
+                rat(bb, "LLM2X", seed, raw)
+            rat("sasrec", "LLMEmb+gatedID", seed, tuned)
+            rat("sasrec", "LLMEmb+ID", seed, tuned)
+            rat("sasrec", "LLMEmb w/o SCFT", seed, raw)
+            for m in ("LLMEmb w/o adapter", "LLMEmb w/o freeze", "LLMEmb w/o align"):
+                rat("sasrec", m, seed, tuned)
+        for seed in args.sweep_seeds:
+            for g in args.gamma_sweep:
+                rat("sasrec", "LLMEmb", seed, tuned, label=f"LLMEmb gamma={g:g}", extra=("--gamma", str(g)))
+    # `--gamma` given twice in the sweep: argparse keeps the last one, the sweep's.
+    return jobs
+
+
+def done(job: Job, work: Path) -> bool:
+    return any((work / "jobs" / job.name).glob(job.done_file))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, required=True, help="work directory (jobs/, logs/)")
+    p.add_argument("--dataset", action="append", required=True, help="dataset name or path (repeatable)")
+    p.add_argument("--llm", required=True, help="LLM source for llm_tables.py (smollm2 | minilm | path)")
+    p.add_argument("--llm-name", required=True, help="the `llm` recorded with every result")
+    p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
+    p.add_argument("--sweep-seeds", type=int, nargs="*", default=[42], help="seeds of the gamma sweep")
+    p.add_argument("--gamma", type=float, default=0.1, help="alignment temperature of the main runs")
+    p.add_argument("--gamma-sweep", type=float, nargs="*", default=[0.05, 0.5, 1.0])
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--patience", type=int, default=20)
+    p.add_argument(
+        "--scft-epochs",
+        nargs="*",
+        default=["ml-100k=20", "amazon-beauty=3"],
+        help="SCFT epochs per dataset as NAME=N (default 3)",
+    )
+    p.add_argument("--scft-batch", type=int, default=128)
+    p.add_argument("--parallel", type=int, default=16, help="jobs at once")
+    p.add_argument("--deadline", type=float, default=None, help="stop launching after this many seconds")
+    p.add_argument("--grace", type=float, default=40.0, help="kill running jobs this long after the deadline")
+    p.add_argument("--only", nargs="*", default=None, help="run only jobs whose name contains one of these")
+    p.add_argument("--copy-to", type=Path, default=None, help="copy metrics.json files and f16 tables here")
+    p.add_argument("--list", action="store_true", help="print the jobs and exit")
+    args = p.parse_args(argv)
+    args.scft_epochs = {k: int(v) for k, v in (s.split("=", 1) for s in args.scft_epochs)}
+
+    jobs = build_jobs(args)
+    if args.only:
+        keep = {j.name for j in jobs if any(s in j.name for s in args.only)}
+        keep |= {d for j in jobs if j.name in keep for d in j.deps}
+        jobs = [j for j in jobs if j.name in keep]
+    if args.list:
+        for j in jobs:
+            print(j.name, "(done)" if done(j, args.work) else "", "<-", ",".join(j.deps))
+            print("   ", shlex.join(j.argv))
+        return 0
+    logs = args.work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1")
+    t0 = time.monotonic()
+    pending = [j for j in jobs if not done(j, args.work)]
+    finished = {j.name for j in jobs if done(j, args.work)}
+    failed: set[str] = set()
+    running: list[Job] = []
+    print(f"{len(pending)} jobs to run, {len(finished)} already done", flush=True)
+    while pending or running:
+        elapsed = time.monotonic() - t0
+        for j in list(running):
+            if j.proc.poll() is not None:
+                running.remove(j)
+                ok = j.proc.returncode == 0 and done(j, args.work)
+                (finished if ok else failed).add(j.name)
+                print(f"[{elapsed:6.0f}s] {'done' if ok else 'FAILED'} {j.name} ({elapsed - j.started:.0f}s)")
+        if args.deadline is not None and elapsed > args.deadline + args.grace:
+            for j in running:
+                j.proc.kill()
+                print(f"[{elapsed:6.0f}s] killed {j.name} at the deadline")
+            break
+        launch = args.deadline is None or elapsed < args.deadline
+        for j in list(pending):
+            if not launch or len(running) >= args.parallel:
+                break
+            if any(d in failed for d in j.deps):
+                pending.remove(j)
+                failed.add(j.name)
+                continue
+            if all(d in finished for d in j.deps):
+                pending.remove(j)
+                (args.work / "jobs" / j.name).mkdir(parents=True, exist_ok=True)
+                log = open(logs / f"{j.name}.log", "w")  # noqa: SIM115 (closed with the process)
+                j.proc = subprocess.Popen(j.argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                j.started = elapsed
+                running.append(j)
+        if not launch and not running:
+            break
+        sys.stdout.flush()
+        time.sleep(2)
+    print(
+        f"finished {len(finished)}, failed {len(failed)}: {sorted(failed)}; left {len(pending)}", flush=True
+    )
+    runs = [str(args.work / "jobs")]
+    subprocess.run([sys.executable, "-m", "llmemb", "report", "collect", *runs], env=env, cwd=ROOT)
+    if args.copy_to:
+        _copy_results(args.work, args.copy_to)
+    return 0
+
+
+def _copy_results(work: Path, dest: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    for f in (work / "jobs").rglob("metrics.json"):
+        target = dest / "runs" / f.relative_to(work / "jobs")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, target)
+    for f in (work / "jobs").glob("tables-*/*.safetensors"):
+        t = load_file(str(f))["weight"].to(torch.float16).contiguous()
+        (dest / "tables").mkdir(parents=True, exist_ok=True)
+        save_file({"weight": t}, str(dest / "tables" / f"{f.parent.name}-{f.stem}.f16.safetensors"))
+    for f in (work / "jobs").glob("tables-*/scft/scft.json"):
+        shutil.copy2(f, dest / "tables" / f"{f.parent.parent.name}-scft.json")
+    shutil.copytree(work / "logs", dest / "logs", dirs_exist_ok=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
