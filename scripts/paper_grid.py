@@ -11,7 +11,8 @@ Jobs, with their dependencies:
 Every job writes into WORK/jobs/<name>/ and counts as done when a metrics.json (RAT / ID) or llm_scft.safetensors
 (tables) is there, so rerunning the same command skips finished work: a grid too big for one sitting is finished by
 running it again. `--deadline S` stops launching jobs S seconds after the start and kills what still runs at
-S + `--grace`; killed jobs start from scratch next time. At the end the metrics.json files of finished runs are
+S + `--grace`; killed jobs start from scratch next time
+(`--detach` leaves them running for the next sitting instead). At the end the metrics.json files of finished runs are
 collected with `llmemb report collect` and, with `--copy-to DIR`, copied there (tables too, as float16).
 """
 
@@ -38,7 +39,17 @@ class Job:
     done_file: str  # relative to the job dir
     deps: list[str] = field(default_factory=list)
     proc: subprocess.Popen | None = None
+    pid: int | None = None  # a job left running by an earlier sitting (--detach)
     started: float = 0.0
+
+    def alive(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is None
+        try:
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+        except OSError:
+            return False
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _slug(ds: str) -> str:
@@ -132,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", type=int, default=16, help="jobs at once")
     p.add_argument("--deadline", type=float, default=None, help="stop launching after this many seconds")
     p.add_argument("--grace", type=float, default=40.0, help="kill running jobs this long after the deadline")
+    p.add_argument(
+        "--detach",
+        action="store_true",
+        help="at the deadline leave running jobs running (own session) instead of killing them; the next "
+        "sitting waits for them through their pid files",
+    )
     p.add_argument("--only", nargs="*", default=None, help="run only jobs whose name contains one of these")
     p.add_argument("--copy-to", type=Path, default=None, help="copy metrics.json files and f16 tables here")
     p.add_argument("--list", action="store_true", help="print the jobs and exit")
@@ -156,18 +173,29 @@ def main(argv: list[str] | None = None) -> int:
     finished = {j.name for j in jobs if done(j, args.work)}
     failed: set[str] = set()
     running: list[Job] = []
+    for j in list(pending):  # jobs still running from an earlier sitting
+        pid_file = args.work / "jobs" / j.name / "pid"
+        if pid_file.is_file():
+            j.pid = int(pid_file.read_text())
+            if j.alive():
+                pending.remove(j)
+                running.append(j)
+                print(f"re-attached {j.name} (pid {j.pid})")
     print(f"{len(pending)} jobs to run, {len(finished)} already done", flush=True)
     while pending or running:
         elapsed = time.monotonic() - t0
         for j in list(running):
-            if j.proc.poll() is not None:
+            if not j.alive():
                 running.remove(j)
-                ok = j.proc.returncode == 0 and done(j, args.work)
+                ok = (j.proc is None or j.proc.returncode == 0) and done(j, args.work)
                 (finished if ok else failed).add(j.name)
                 print(f"[{elapsed:6.0f}s] {'done' if ok else 'FAILED'} {j.name} ({elapsed - j.started:.0f}s)")
         if args.deadline is not None and elapsed > args.deadline + args.grace:
+            if args.detach:
+                print(f"[{elapsed:6.0f}s] left running: {[j.name for j in running]}")
+                break
             for j in running:
-                j.proc.kill()
+                os.kill(j.proc.pid if j.proc else j.pid, 9)
                 print(f"[{elapsed:6.0f}s] killed {j.name} at the deadline")
             break
         launch = args.deadline is None or elapsed < args.deadline
@@ -182,7 +210,15 @@ def main(argv: list[str] | None = None) -> int:
                 pending.remove(j)
                 (args.work / "jobs" / j.name).mkdir(parents=True, exist_ok=True)
                 log = open(logs / f"{j.name}.log", "w")  # noqa: SIM115 (closed with the process)
-                j.proc = subprocess.Popen(j.argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                j.proc = subprocess.Popen(
+                    j.argv,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=ROOT,
+                    start_new_session=args.detach,
+                )
+                (args.work / "jobs" / j.name / "pid").write_text(str(j.proc.pid))
                 j.started = elapsed
                 running.append(j)
         if not launch and not running:
