@@ -249,6 +249,11 @@ def _copy_results(work: Path, dest: Path) -> None:
         save_file({"weight": t}, str(dest / "tables" / f"{f.parent.name}-{f.stem}.f16.safetensors"))
     for f in (work / "jobs").glob("tables-*/scft/scft.json"):
         shutil.copy2(f, dest / "tables" / f"{f.parent.parent.name}-scft.json")
+    for f in (work / "jobs").glob("id-*/*/sasrec/seed*/*"):  # the alignment targets, to resume elsewhere
+        if f.suffix in (".json", ".safetensors"):
+            target = dest / "id" / f.relative_to(work / "jobs")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, target)
     shutil.copytree(work / "logs", dest / "logs", dirs_exist_ok=True)
 
 
