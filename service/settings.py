@@ -1,0 +1,156 @@
+"""Service settings: pydantic-settings, every field from an ``LLMEMB_`` environment variable (or a keyword).
+
+    LLMEMB_ARTIFACTS=artifacts LLMEMB_API_KEYS=key1,key2 llmemb serve
+
+Auth policy (``check_auth``): with API keys configured, every route but /health, /ready (and /metrics unless
+``LLMEMB_METRICS_REQUIRE_AUTH=true``) needs ``Authorization: Bearer <key>``. With no key configured the service
+runs open only when it listens on a loopback address (127.0.0.1, ::1, localhost) or when
+``LLMEMB_ALLOW_NO_AUTH=true`` says so explicitly; otherwise it refuses to start, so a container bound to 0.0.0.0
+is never exposed without keys by accident.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+IndexKind = Literal["auto", "flat", "ivf", "hnsw"]
+Device = Literal["auto", "cpu", "cuda"]
+
+LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
+
+
+class SettingsError(ValueError):
+    """The settings cannot run a service (e.g. no API key on a public address)."""
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    """Everything the service reads from the environment. Field ``x`` is ``LLMEMB_X``."""
+
+    model_config = SettingsConfigDict(env_prefix="LLMEMB_", extra="forbid", validate_default=True)
+
+    # --- what to serve -------------------------------------------------------------------------------------
+    artifacts: Path = Field(Path("artifacts"), description="artifacts root: CURRENT, bundles/, overlays/")
+    bundle: Path | None = Field(
+        None, description="serve this bundle dir instead of the one named by <artifacts>/CURRENT"
+    )
+    overlays_dir: Path | None = Field(
+        None, description="where registered items are kept; default <artifacts>/overlays"
+    )
+    llm_source: str | None = Field(
+        None,
+        description="override the bundle's base LLM source (alias, HF dir, .gguf) when its recorded path "
+        "does not exist here, e.g. inside a container",
+    )
+    cache_dir: Path | None = Field(None, description="converted-model cache (default $LLMEMB_CACHE_DIR)")
+    device: Device = "auto"
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
+    warmup: bool = True
+
+    # --- network and auth ----------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated bearer keys"
+    )
+    api_keys_file: Path | None = Field(None, description="file with one key per line (docker secrets)")
+    allow_no_auth: bool = False
+    metrics_require_auth: bool = False
+    log_level: str = "info"
+
+    # --- request limits ------------------------------------------------------------------------------------
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_items_per_request: int = Field(64, ge=1)
+    max_attributes: int = Field(64, ge=1, description="attributes per item")
+    max_attr_chars: int = Field(4096, ge=1, description="characters per attribute value (lists: joined)")
+    max_text_chars: int = Field(16384, ge=1, description="characters per /v1/embeddings input")
+    max_id_chars: int = Field(256, ge=1)
+    max_k: int = Field(1000, ge=1)
+    max_history: int = Field(
+        10_000, ge=1, description="ids per /v1/recommend history; past the backbone's window we truncate"
+    )
+
+    # --- micro-batching ------------------------------------------------------------------------------------
+    embed_max_batch_size: int = Field(32, ge=1)
+    embed_max_batch_tokens: int = Field(8192, ge=1)
+    embed_max_wait_ms: float = Field(5.0, ge=0)
+    embed_max_queue: int = Field(1024, ge=1)
+    embed_request_timeout_s: float = Field(30.0, gt=0)
+    recommend_max_batch_size: int = Field(128, ge=1)
+    recommend_max_batch_tokens: int = Field(65536, ge=1, description="history positions per batch")
+    recommend_max_wait_ms: float = Field(1.0, ge=0)
+    recommend_max_queue: int = Field(4096, ge=1)
+    recommend_request_timeout_s: float = Field(10.0, gt=0)
+
+    # --- faiss index ---------------------------------------------------------------------------------------
+    index_kind: IndexKind = "auto"
+    index_approx_threshold: int = Field(
+        100_000, ge=1, description="auto: exact up to this many items, approximate (index_approx_kind) above"
+    )
+    index_approx_kind: Literal["ivf", "hnsw"] = "ivf"
+    index_ivf_nprobe: int = Field(32, ge=1)
+    index_hnsw_m: int = Field(32, ge=4)
+    index_hnsw_ef_search: int = Field(128, ge=1)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v):
+        if v is None:
+            return []
+        if isinstance(v, str):
+            v = v.split(",")
+        return [k.strip() for k in v if k and k.strip()]
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        v = v.lower()
+        if v not in ("critical", "error", "warning", "info", "debug", "trace"):
+            raise ValueError("log_level must be one of critical, error, warning, info, debug, trace")
+        return v
+
+    @model_validator(mode="after")
+    def _read_keys_file(self) -> Settings:
+        if self.api_keys_file is not None:
+            try:
+                lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
+            except OSError as e:
+                raise ValueError(f"api_keys_file {self.api_keys_file}: {e}") from e
+            extra = [k.strip() for k in lines if k.strip() and not k.lstrip().startswith("#")]
+            self.api_keys = list(dict.fromkeys([*self.api_keys, *extra]))
+        short = [k for k in self.api_keys if len(k) < 8]
+        if short:
+            raise ValueError("API keys must be at least 8 characters long")
+        return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+    @property
+    def overlays_root(self) -> Path:
+        from models.bundle import OVERLAYS_DIR
+
+        return self.overlays_dir if self.overlays_dir is not None else self.artifacts / OVERLAYS_DIR
+
+    def check_auth(self) -> None:
+        """Refuse an open service on a non-loopback address unless LLMEMB_ALLOW_NO_AUTH=true."""
+        if self.auth_enabled or self.allow_no_auth or is_loopback(self.host):
+            return
+        raise SettingsError(
+            f"no API key configured and host {self.host!r} is not loopback: set LLMEMB_API_KEYS (comma-separated) "
+            "or LLMEMB_API_KEYS_FILE, or LLMEMB_ALLOW_NO_AUTH=true to serve without authentication"
+        )
