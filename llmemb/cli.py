@@ -7,11 +7,13 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from service.cli import register as register_service
     from training.cli import register as register_training
 
     parser = argparse.ArgumentParser(prog="llmemb", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_training(sub)
+    register_service(sub)
     return parser
 
 

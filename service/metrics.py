@@ -1,0 +1,124 @@
+"""Prometheus metrics of one app (its own registry, so several apps in one process never collide).
+
+llmemb_http_requests_total{method,route,status}        counter; route = the route template, e.g. /v1/items/{item_id}
+llmemb_http_request_duration_seconds{method,route}     histogram
+llmemb_batch_size{queue} / llmemb_batch_cost{queue}    histograms of items / cost (tokens, history ids) per batch
+llmemb_batch_duration_seconds{queue}                   histogram of one batch's compute time
+llmemb_queue_rejected_total{queue}                     requests refused with 429 (queue full)
+llmemb_queue_timeouts_total{queue}                     requests that hit the per-request timeout
+llmemb_queue_depth{queue} / llmemb_queue_in_flight{queue}   gauges at scrape time (autoscaling signal)
+llmemb_catalog_items{source="bundle"|"registered"}     gauge
+llmemb_ready, llmemb_bundle_info{bundle_id}, llmemb_index_recall_at_10{kind}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class _EngineCollector:
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self.stats = stats
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        s = self.stats()
+        ready = GaugeMetricFamily("llmemb_ready", "1 once a bundle is loaded and warmed up")
+        ready.add_metric([], 1.0 if s.get("ready") else 0.0)
+        yield ready
+        depth = GaugeMetricFamily(
+            "llmemb_queue_depth", "requests waiting in a micro-batch queue", labels=["queue"]
+        )
+        flight = GaugeMetricFamily(
+            "llmemb_queue_in_flight", "requests queued or being computed", labels=["queue"]
+        )
+        for name, q in s.get("queues", {}).items():
+            depth.add_metric([name], q["depth"])
+            flight.add_metric([name], q["in_flight"])
+        yield depth
+        yield flight
+        if s.get("bundle_id"):
+            items = GaugeMetricFamily("llmemb_catalog_items", "items in the catalog", labels=["source"])
+            items.add_metric(["bundle"], s["bundle_items"])
+            items.add_metric(["registered"], s["registered_items"])
+            yield items
+            info = GaugeMetricFamily("llmemb_bundle_info", "the bundle being served", labels=["bundle_id"])
+            info.add_metric([s["bundle_id"]], 1.0)
+            yield info
+        index = s.get("index")
+        if index and index.get("recall_at_10") is not None:
+            rec = GaugeMetricFamily(
+                "llmemb_index_recall_at_10", "approximate index recall@10 vs exact", labels=["kind"]
+            )
+            rec.add_metric([index["kind"]], index["recall_at_10"])
+            yield rec
+
+
+class Metrics:
+    """The app's metrics; also the engine's batch observer."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self.requests = Counter(
+            "llmemb_http_requests", "HTTP requests", ["method", "route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "llmemb_http_request_duration_seconds",
+            "HTTP request latency",
+            ["method", "route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "llmemb_batch_size", "items per micro-batch", ["queue"], buckets=_SIZE_BUCKETS, registry=r
+        )
+        self.batch_cost = Histogram(
+            "llmemb_batch_cost",
+            "cost per micro-batch (tokens for embed, history ids for recommend)",
+            ["queue"],
+            buckets=(16, 64, 256, 1024, 4096, 16384, 65536),
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "llmemb_batch_duration_seconds",
+            "compute time of one micro-batch",
+            ["queue"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rejected = Counter(
+            "llmemb_queue_rejected", "requests refused: queue full", ["queue"], registry=r
+        )
+        self.timeouts = Counter("llmemb_queue_timeouts", "requests that timed out", ["queue"], registry=r)
+        r.register(_EngineCollector(stats))
+
+    # BatchObserver
+    def on_batch(self, name: str, size: int, cost: int, seconds: float) -> None:
+        self.batch_size.labels(name).observe(size)
+        self.batch_cost.labels(name).observe(cost)
+        self.batch_seconds.labels(name).observe(seconds)
+
+    def on_reject(self, name: str) -> None:
+        self.rejected.labels(name).inc()
+
+    def on_timeout(self, name: str) -> None:
+        self.timeouts.labels(name).inc()
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(method, route).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
