@@ -59,7 +59,7 @@ from models.srs.base import ItemEncoder
 from service import batching
 from service.errors import Conflict, InvalidInput, NotFound, NotReady, Overloaded, RequestTimeout
 from service.index import IndexConfig, ItemIndex, recall_at_k
-from service.overlay import Overlay, OverlayRecord
+from service.overlay import Overlay, OverlayChanged, OverlayRecord
 from service.settings import Settings
 from service.tables import FORMATS, write_table
 
@@ -144,6 +144,15 @@ def canonical(attrs: Mapping[str, Any]) -> str:
 
 def _now() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def _utf8(text: str) -> bool:
+    """False for strings UTF-8 cannot encode (lone surrogates, which JSON's \\uXXXX escapes can produce)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _source_from_base(source: str | None) -> str | None:
@@ -832,6 +841,7 @@ class Engine:
                     log.exception("reload of %s failed", path)
                     raise InvalidInput(f"cannot load bundle {path}: {e}", code="bundle_invalid") from e
                 self._state = new
+                self.load_error = None
                 if old is not None:
                     old.retired = True
             self.reloads += 1
@@ -889,6 +899,8 @@ class Engine:
             )
         problems = []
         for i, attrs in enumerate(items):
+            if not _utf8(json.dumps(attrs, ensure_ascii=False, default=str)):
+                problems.append({"loc": [loc, i], "msg": "text that is not valid Unicode (a lone surrogate)"})
             if len(attrs) > s.max_attributes:
                 problems.append(
                     {"loc": [loc, i], "msg": f"{len(attrs)} attributes; at most {s.max_attributes}"}
@@ -902,12 +914,12 @@ class Engine:
                         {"loc": [loc, i, name], "msg": f"{n} characters; at most {s.max_attr_chars}"}
                     )
         if problems:
+            codes = {"characters": "attribute_too_long", "attributes;": "too_many_attributes"}
+            kinds = {next((c for w, c in codes.items() if w in p["msg"]), "invalid_text") for p in problems}
             raise InvalidInput(
-                f"{len(problems)} attribute limit violation(s): "
+                f"{len(problems)} problem(s) with the items' attributes: "
                 + "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in problems[:5]),
-                code="attribute_too_long"
-                if all("characters" in p["msg"] for p in problems)
-                else "too_many_attributes",
+                code=kinds.pop() if len(kinds) == 1 else "invalid_attributes",
                 details=problems,
             )
 
@@ -947,6 +959,11 @@ class Engine:
                     {"loc": ["input", i], "msg": f"at most {s.max_text_chars} characters"} for i in long
                 ],
             )
+        bad = [i for i, t in enumerate(texts) if not _utf8(t)]
+        if bad:
+            raise InvalidInput(
+                f"input {bad[:10]} is not valid Unicode (a lone surrogate)", code="invalid_text"
+            )
         empty = [i for i, t in enumerate(texts) if not t.strip()]
         if empty:
             raise InvalidInput(
@@ -959,7 +976,10 @@ class Engine:
     async def _embed_prompts(
         self, st: _State, prompts: list[str], space: str, normalize: bool
     ) -> EmbedResult:
-        ids = st.embedder.tokenize(prompts)
+        try:
+            ids = st.embedder.tokenize(prompts)
+        except ValueError as e:  # e.g. a text that gives no token at all
+            raise InvalidInput(f"cannot tokenize the input: {e}", code="invalid_text") from e
         results = await asyncio.gather(*(self._submit(st.embed_batcher, t) for t in ids))
         vecs = np.stack([r[space] for r in results]).astype(np.float32)
         if normalize:
@@ -1056,7 +1076,13 @@ class Engine:
             vectors = {s: np.stack([r[s] for r in results]).astype(np.float32) for s in st.live_tables}
             when = _now()
             records = [OverlayRecord(row, i, a, st.next_seq + n, when) for n, (row, i, a) in enumerate(todo)]
-            await asyncio.to_thread(st.overlay.append, records, vectors)  # durable before it is visible
+            try:
+                await asyncio.to_thread(st.overlay.append, records, vectors)  # durable before it is visible
+            except OverlayChanged as e:
+                raise Conflict(
+                    f"{e}: items were registered by another process; POST /admin/reload to pick them up",
+                    code="overlay_changed",
+                ) from e
             st.next_seq += len(records)
             st._apply_catalog(records, vectors)
             rows = [r.row for r in records]

@@ -11,7 +11,8 @@ items.jsonl is the truth; vectors.bin is a cache keyed by ``seq``. Each append w
 first, then the lines, so a crash leaves at worst a vector record without its line (ignored). A torn last line or
 record (a crash mid-write) is cut off when the overlay is next opened. A record missing from the cache, or a
 cache written for other dimensions, is recomputed by the engine and the cache rewritten atomically.
-Appends hold an exclusive ``flock`` on items.jsonl, so two processes never interleave lines.
+Appends hold an exclusive ``flock`` and refuse (``OverlayChanged``) when items.jsonl grew since this process last
+read or wrote it: one writer per overlay; a second process (another replica) must reload to see those items.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ class OverlayError(RuntimeError):
     """The overlay on disk is inconsistent with its bundle (the message says which line and how)."""
 
 
+class OverlayChanged(OverlayError):
+    """Another process appended to the overlay since this one read it (reload to pick its items up)."""
+
+
 @dataclass(frozen=True)
 class OverlayRecord:
     row: int
@@ -74,6 +79,7 @@ class Overlay:
         self.vectors_path = self.dir / VECTORS_FILE
         self._width = sum(self.spaces.values())
         self._rec = _REC_HEAD.size + 4 * self._width
+        self._known_size = 0  # bytes of items.jsonl this process has read or written
 
     # --- reading --------------------------------------------------------------------------------------------
 
@@ -86,6 +92,7 @@ class Overlay:
         with self._locked(exclusive=True):
             records = self._read_lines()
             vectors = self._read_vectors()
+            self._known_size = self.items_path.stat().st_size
         return records, vectors
 
     def _read_lines(self) -> list[OverlayRecord]:
@@ -171,6 +178,11 @@ class Overlay:
         if fresh:
             fsync_dir(self.dir.parent)
         with self._locked(exclusive=True):
+            size = self.items_path.stat().st_size if self.items_path.exists() else 0
+            if size != self._known_size:  # rows were handed out by another writer: ours would collide
+                raise OverlayChanged(
+                    f"{self.items_path} was changed by another process ({size} bytes, {self._known_size} expected)"
+                )
             if self._width:
                 blob = b"".join(
                     self._record_bytes(r, {s: vectors[s][i] for s in self.spaces})
@@ -178,6 +190,7 @@ class Overlay:
                 )
                 self._append_bytes(self.vectors_path, blob, header=self._header())
             self._append_bytes(self.items_path, "".join(r.line() for r in records).encode("utf-8"))
+            self._known_size = self.items_path.stat().st_size
 
     def rewrite_vectors(
         self, records: list[OverlayRecord], vectors: Mapping[int, Mapping[str, np.ndarray]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -32,6 +33,14 @@ _HTTP_CODES = {
 }
 
 
+class ErrorJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped, so an error that quotes the client's input (an unknown id, a field name)
+    renders even when that input holds characters UTF-8 cannot encode (lone surrogates such as "\\ud800")."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "details": jsonable_encoder(details)}}
 
@@ -39,7 +48,7 @@ def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
 def error_response(
     status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    return JSONResponse(error_body(code, message, details), status_code=status, headers=headers)
+    return ErrorJSONResponse(error_body(code, message, details), status_code=status, headers=headers)
 
 
 def _loc(loc) -> str:

@@ -290,3 +290,27 @@ def test_corrupt_or_missing_bundle_is_refused(artifacts, tmp_path):
         run(Engine(settings_for(artifacts)).start())
     with pytest.raises(EngineLoadError, match="CURRENT is missing"):
         run(Engine(settings_for(tmp_path / "empty")).start())
+
+
+def test_a_second_writer_must_reload_before_registering(artifacts):
+    async def go():
+        one, two = Engine(settings_for(artifacts)), Engine(settings_for(artifacts))
+        await one.start()
+        await two.start()
+        try:
+            await one.register([("from-one", NEW_ATTRS)])
+            with pytest.raises(Conflict, match="another process") as e:
+                await two.register([("from-two", {"title": "dark metal drum"})])
+            assert e.value.code == "overlay_changed"
+            with pytest.raises(NotFound):
+                two.get_item("from-two")  # nothing half-registered
+            await two.reload()
+            assert two.get_item("from-one").row == N_ITEMS + 1
+            assert (await two.register([("from-two", {"title": "dark metal drum"})])).items[
+                0
+            ].row == N_ITEMS + 2
+        finally:
+            await one.stop()
+            await two.stop()
+
+    run(go())

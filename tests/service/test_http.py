@@ -172,6 +172,10 @@ BAD_REQUESTS = [
     ("/v1/items/embed", {"items": [{"title": "x"}] * 65}, "too_many_items"),
     ("/v1/items/embed", {"items": [{"title": "x" * 4097}]}, "attribute_too_long"),
     ("/v1/items/embed", [1, 2], "validation_error"),
+    ("/v1/items/embed", b'{"items": [{"year": NaN}]}', "validation_error"),
+    ("/v1/items/embed", b'{"items": [{"title": "\\ud800"}]}', "invalid_text"),
+    ("/v1/embeddings", b'{"model": "llmemb", "input": "\\ud800"}', "invalid_text"),
+    ("/v1/recommend", b'{"history": ["\\ud800"]}', "unknown_items"),
     ("/v1/embeddings", {"model": "llmemb"}, "validation_error"),
     ("/v1/embeddings", {"model": "llmemb", "input": [[1, 2, 3]]}, "validation_error"),
     ("/v1/embeddings", {"model": "llmemb", "input": ""}, "invalid_request"),
@@ -446,20 +450,23 @@ def test_auth_policy_and_an_id_only_bundle_without_keys(idonly_artifacts):
         assert anon.get("/v1/models").json()["data"] == []
 
 
-def test_ready_reports_a_bundle_that_failed_to_load(tmp_path):
-    with (
-        live_server(settings_for(tmp_path / "nothing"), wait_ready=False) as srv,
-        srv.client(key=None) as anon,
-    ):
+def test_ready_reports_a_bundle_that_failed_to_load_and_reload_recovers(tmp_path, template):
+    settings = settings_for(tmp_path / "nothing")
+    with live_server(settings, wait_ready=False) as srv, srv.client(key=None) as anon:
         deadline = time.monotonic() + 10
-        while (r := anon.get("/ready")).json()["error"][
-            "code"
-        ] != "load_failed" and time.monotonic() < deadline:
+        r = anon.get("/ready")
+        while r.json()["error"]["code"] != "load_failed" and time.monotonic() < deadline:
             time.sleep(0.02)
+            r = anon.get("/ready")
         err = assert_error(r, 503, "load_failed")
         assert "CURRENT is missing" in err["message"]
         assert anon.get("/health").status_code == 200
         assert_error(anon.post("/v1/recommend", json={"history": ["t1"]}), 503, "load_failed")
+        shutil.copytree(
+            template / "artifacts", tmp_path / "nothing"
+        )  # the bundle arrives: reload picks it up
+        assert anon.post("/admin/reload").json()["current"] == BUNDLE_A
+        assert anon.get("/ready").json() == {"status": "ready", "bundle_id": BUNDLE_A}
 
 
 def test_serve_command_refuses_nothing_to_serve_and_prints_examples(tmp_path, capsys, artifacts):
