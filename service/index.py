@@ -230,17 +230,22 @@ class ItemIndex:
             for attempt in range(3 if not self.exact else 1):
                 if not pending:
                     break
-                need = max(ks[i] + len(excl[i]) for i in pending)
-                want = min(self.size, need * (_WIDEN**attempt))
-                scores, rows = self._raw_search(q[pending], want, attempt)
+                # One faiss call per power-of-two candidate count: a query with a long history (many
+                # exclusions) does not make every query of the batch fetch thousands of candidates.
+                groups: dict[int, list[int]] = {}
+                for i in pending:
+                    groups.setdefault(1 << max(4, (ks[i] + len(excl[i]) - 1).bit_length()), []).append(i)
                 still = []
-                for j, i in enumerate(pending):
-                    res = self._filter(rows[j], scores[j], ks[i], excl[i])
-                    enough = len(res.rows) >= ks[i] or (self.exact and want >= self.size)
-                    if enough or self._available(excl[i]) <= len(res.rows):
-                        out[i] = res
-                    else:
-                        still.append(i)
+                for need, members in groups.items():
+                    want = min(self.size, need * (_WIDEN**attempt))
+                    scores, rows = self._raw_search(q[members], want, attempt)
+                    for j, i in enumerate(members):
+                        res = self._filter(rows[j], scores[j], ks[i], excl[i])
+                        enough = len(res.rows) >= ks[i] or (self.exact and want >= self.size)
+                        if enough or self._available(excl[i]) <= len(res.rows):
+                            out[i] = res
+                        else:
+                            still.append(i)
                 pending = still
             for i in pending:  # approximate search could not fill k: answer exactly
                 out[i] = self._exact_one(q[i], ks[i], excl[i])
@@ -258,7 +263,7 @@ class ItemIndex:
         with self._lock:
             return [self._exact_one(q[i], ks[i], excl[i]) for i in range(len(q))]
 
-    def _normalise_args(self, n, k, exclude) -> tuple[list[int], list[set[int]]]:
+    def _normalise_args(self, n, k, exclude) -> tuple[list[int], list[Collection[int]]]:
         ks = [int(k)] * n if isinstance(k, int | np.integer) else [int(x) for x in k]
         if len(ks) != n:
             raise ValueError(f"{len(ks)} k values for {n} queries")
@@ -269,10 +274,10 @@ class ItemIndex:
         else:
             if len(exclude) != n:
                 raise ValueError(f"{len(exclude)} exclusion sets for {n} queries")
-            excl = [e if isinstance(e, set) else set(e) for e in exclude]
+            excl = [e if isinstance(e, set | frozenset) else set(e) for e in exclude]
         return ks, excl
 
-    def _available(self, excl: set[int]) -> int:
+    def _available(self, excl: Collection[int]) -> int:
         return self.size - sum(1 for r in excl if 1 <= r < self._n_rows)
 
     def _raw_search(self, q: np.ndarray, want: int, attempt: int) -> tuple[np.ndarray, np.ndarray]:
@@ -292,7 +297,7 @@ class ItemIndex:
         return scores, rows
 
     @staticmethod
-    def _filter(rows: np.ndarray, scores: np.ndarray, k: int, excl: set[int]) -> SearchResult:
+    def _filter(rows: np.ndarray, scores: np.ndarray, k: int, excl: Collection[int]) -> SearchResult:
         keep_rows, keep_scores = [], []
         for r, s in zip(rows.tolist(), scores.tolist()):
             if r < 1 or r in excl:
@@ -303,7 +308,7 @@ class ItemIndex:
                 break
         return SearchResult(np.asarray(keep_rows, dtype=np.int64), np.asarray(keep_scores, dtype=np.float32))
 
-    def _exact_one(self, q: np.ndarray, k: int, excl: set[int]) -> SearchResult:
+    def _exact_one(self, q: np.ndarray, k: int, excl: Collection[int]) -> SearchResult:
         scores = self._vecs[1 : self._n_rows] @ q  # (n,) for rows 1..n
         if excl:
             idx = np.fromiter((r - 1 for r in excl if 1 <= r < self._n_rows), dtype=np.int64)
