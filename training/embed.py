@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from models.io import TABLE_KEY, fsync_dir, fsync_file, sha256_file, tmp_path_for
-from models.llm import LLMConfig, LLMEmbedder, file_sha256, load_lora, merge_lora
+from models.llm import LLMConfig, LLMEmbedder, file_sha256, load_lora, locate_source, merge_lora
 from models.prompts import PromptConfig, build_prompt
 from training.data.dataset import PreparedDataset
 
@@ -86,13 +86,25 @@ def model_sha256(embedder: LLMEmbedder) -> str:
     files (each file's digest is cached by path, size and mtime, so a 7B checkout is hashed once)."""
     if embedder.source_sha256:
         return embedder.source_sha256
-    files = sorted(
-        {p for pattern in _MODEL_FILES for p in Path(embedder.model_dir).glob(pattern) if p.is_file()}
-    )
+    return model_dir_sha256(embedder.model_dir, embedder.cfg.cache_dir)
+
+
+def model_dir_sha256(model_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
+    """sha256 over a model dir's weight, config and tokenizer files (per-file digests cached)."""
+    files = sorted({p for pattern in _MODEL_FILES for p in Path(model_dir).glob(pattern) if p.is_file()})
     digest = hashlib.sha256()
     for path in files:
-        digest.update(f"{path.name}:{file_sha256(path, embedder.cfg.cache_dir)}\n".encode())
+        digest.update(f"{path.name}:{file_sha256(path, cache_dir)}\n".encode())
     return digest.hexdigest()
+
+
+def source_sha256(llm_cfg: LLMConfig) -> str:
+    """What ``model_sha256`` gives for an embedder of ``llm_cfg``, without loading the model: the GGUF file's
+    sha256 (shipped SmolLM2, any .gguf), else the digest of the model dir."""
+    path = locate_source(llm_cfg.source)
+    if path.is_file():
+        return file_sha256(path, llm_cfg.cache_dir)
+    return model_dir_sha256(path, llm_cfg.cache_dir)
 
 
 def _adapter_sha256(embedder: LLMEmbedder) -> str:

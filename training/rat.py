@@ -159,10 +159,32 @@ def gate_scale_for(counts: np.ndarray, tail_share: float = 0.8) -> float:
     return float(max(c[min(int(round(tail_share * len(c))), len(c) - 1)], 1))
 
 
+def pca_size(cfg: RATConfig, d_llm: int, n_items: int) -> int:
+    """The PCA size a method projects the LLM table to: the hidden size for LLM2X / "w/o adapter" (no adapter
+    between table and backbone), else d_m (`RATConfig.resolve_d_m`)."""
+    if cfg.method in ("LLM2X", "LLMEmb w/o adapter"):
+        return cfg.srs.hidden
+    return cfg.resolve_d_m(d_llm, n_items)
+
+
+def _projected(llm_table: torch.Tensor, k: int, pca: PCA | None) -> tuple[torch.Tensor, PCA]:
+    """`pca_table(llm_table, k)`, or the table through an already fitted `pca` (which must be k x d_llm)."""
+    if pca is None:
+        return pca_table(llm_table, k)
+    if (pca.k, pca.d) != (k, llm_table.shape[1]):
+        raise ValueError(f"the fitted PCA is {pca.k} x {pca.d}, the method needs {k} x {llm_table.shape[1]}")
+    table = pca.transform(llm_table.float()).float()
+    table[0] = 0
+    return table, pca
+
+
 def build_item_encoder(
-    cfg: RATConfig, data: PreparedDataset, llm_table: torch.Tensor | None
+    cfg: RATConfig, data: PreparedDataset, llm_table: torch.Tensor | None, pca: PCA | None = None
 ) -> tuple[ItemEncoder, PCA | None]:
-    """The method's item encoder (dim = cfg.srs.hidden) and the PCA it was built on (None for "None")."""
+    """The method's item encoder (dim = cfg.srs.hidden) and the PCA it was built on (None for "None").
+
+    pca: a PCA already fitted on `llm_table` (the pipeline's PCA stage); None fits one here (`pca_table`).
+    """
     n, hidden = data.n_items, cfg.srs.hidden
     if not cfg.uses_llm:
         return IDEncoder(n, hidden), None
@@ -177,12 +199,12 @@ def build_item_encoder(
     if cfg.method in ("LLM2X", "LLMEmb w/o adapter"):
         if hidden > d_llm:
             raise ValueError(f"{cfg.method} projects d_llm={d_llm} to hidden={hidden}: needs hidden <= d_llm")
-        table, pca = pca_table(llm_table, hidden)
+        table, pca = _projected(llm_table, hidden, pca)
         enc = IDEncoder(n, hidden, init=table) if cfg.method == "LLM2X" else FrozenTableEncoder(table)
         return enc, pca
 
     d_m = cfg.resolve_d_m(d_llm, n)
-    table, pca = pca_table(llm_table, d_m)
+    table, pca = _projected(llm_table, d_m, pca)
     adapter = AdapterConfig(d_in=d_m, d_out=hidden, dropout=cfg.adapter_dropout)  # d_hidden = d_m // 2
     if cfg.method in EXTRA_METHODS:
         counts = torch.from_numpy(data.item_popularity())
@@ -256,15 +278,17 @@ def main(
     data: PreparedDataset,
     llm_table: torch.Tensor | None,
     id_table: torch.Tensor | None = None,
+    pca: PCA | None = None,
 ) -> RATResult:
     """Train cfg.method on `data`; returns the best-validation model (training/srs.main's result + the PCA).
 
     llm_table: (n_items + 1, d_llm), row 0 padding (a file of training/embed.py: `load_table(path)`); unused for
         "None". id_table: (n_items + 1, hidden), the trained ID-SASRec item table (`load_id_table`), the fixed
-        alignment target; needed when cfg.effective_alpha > 0.
+        alignment target; needed when cfg.effective_alpha > 0. pca: a PCA fitted on llm_table (of size
+        `pca_size(cfg, d_llm, n_items)`) to use instead of fitting one.
     """
     seed_everything(cfg.srs.seed)  # the adapter / residual initialisation is part of the seeded run
-    encoder, pca = build_item_encoder(cfg, data, llm_table)
+    encoder, pca = build_item_encoder(cfg, data, llm_table, pca)
     aux = RATAuxLoss(cfg, data.n_items, id_table)
     if aux.alpha > 0:
         if id_table is None:

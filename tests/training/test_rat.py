@@ -26,6 +26,7 @@ from training.rat import (
     load_id_table,
     main,
     method_slug,
+    pca_size,
     pca_table,
     save_rat,
 )
@@ -195,6 +196,26 @@ def test_llm2x_init_is_the_pca_projection(data, llm_table) -> None:
     frozen, _ = build_item_encoder(RATConfig(srs=TINY, method="LLMEmb w/o adapter"), data, llm_table)
     assert isinstance(frozen, FrozenTableEncoder)
     torch.testing.assert_close(frozen.weight, enc.embedding.weight.detach())
+
+
+def test_a_prefitted_pca_gives_the_same_encoder(data, llm_table, tmp_path) -> None:
+    """The pipeline fits the PCA in its own stage and hands it to RAT: same table as fitting inside."""
+    for method in ("LLMEmb", "LLM2X"):
+        cfg = RATConfig(srs=TINY, method=method, d_m=8)
+        k = pca_size(cfg, D_LLM, N_ITEMS)
+        assert k == (TINY.hidden if method == "LLM2X" else 8)
+        PCA.fit(llm_table[1:], k).save(tmp_path / "pca.safetensors")
+        fitted = PCA.load(tmp_path / "pca.safetensors")
+        torch.manual_seed(0)  # the adapter's initialisation
+        inside, _ = build_item_encoder(cfg, data, llm_table)
+        torch.manual_seed(0)
+        given, pca = build_item_encoder(cfg, data, llm_table, fitted)
+        assert pca is fitted
+        torch.testing.assert_close(given.table(), inside.table(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="the method needs 8 x 32"):
+        build_item_encoder(
+            RATConfig(srs=TINY, method="LLMEmb", d_m=8), data, llm_table, PCA.fit(llm_table[1:], 4)
+        )
 
 
 @pytest.mark.parametrize("kind", ["linear", "sigmoid"])
