@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     embed_request_timeout_s: float = Field(30.0, gt=0)
     recommend_max_batch_size: int = Field(128, ge=1)
     recommend_max_batch_tokens: int = Field(65536, ge=1, description="history positions per batch")
-    recommend_max_wait_ms: float = Field(1.0, ge=0)
+    recommend_max_wait_ms: float = Field(0.0, ge=0)
     recommend_max_queue: int = Field(4096, ge=1)
     recommend_request_timeout_s: float = Field(10.0, gt=0)
 

@@ -1,4 +1,7 @@
-"""FastAPI dependencies: the engine and settings of the app serving the request."""
+"""FastAPI dependencies: the engine and settings of the app serving the request.
+
+They are `async def` on purpose: FastAPI runs a plain `def` dependency in its thread pool, a thread hop per request.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +15,11 @@ from service.errors import NotReady
 from service.settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     engine: Engine = request.app.state.engine
     if not engine.ready:
         if engine.load_error:

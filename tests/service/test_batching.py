@@ -41,22 +41,25 @@ def test_concurrent_requests_share_a_batch_off_the_event_loop():
     assert threading.get_ident() not in fn.threads and len(fn.threads) == 1
 
 
-def test_cost_budget_and_lone_request_latency():
+def test_cost_budget_and_max_wait():
     fn = Recorder()
 
-    async def go():
-        b = MicroBatcher(fn, name="t", max_batch_size=100, max_batch_cost=10, max_wait_ms=0, cost=lambda x: x)
+    async def lone(max_wait_ms: float) -> float:
+        b = MicroBatcher(
+            fn, name="t", max_batch_size=100, max_batch_cost=10, max_wait_ms=max_wait_ms, cost=lambda x: x
+        )
         await b.start()
         await asyncio.gather(*(b.submit(x) for x in [4, 4, 4, 30, 1]))
         start = time.perf_counter()
         await b.submit(1)
-        lone = time.perf_counter() - start
+        seconds = time.perf_counter() - start
         await b.stop()
-        return lone
+        return seconds
 
-    lone = asyncio.run(go())
-    assert fn.batches == [[4, 4], [4], [30], [1], [1]]  # cost <= 10 per batch; an oversize item runs alone
-    assert lone < 0.05  # max_wait_ms=0: a lone request does not wait for company
+    greedy, waiting = asyncio.run(lone(0)), asyncio.run(lone(400))
+    assert greedy < 0.35 <= waiting  # a lone request waits max_wait_ms for company, or not at all with 0
+    # cost <= 10 per batch, an oversize item runs alone; max_wait_ms=0 never waits for company
+    assert fn.batches[:5] == [[4, 4], [4], [30], [1], [1]]
 
 
 def test_full_queue_raises_overloaded_with_retry_after():

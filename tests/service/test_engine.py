@@ -245,7 +245,10 @@ def test_reload_switches_bundles_without_failing_in_flight_requests(artifacts):
             clients = [asyncio.create_task(client()) for _ in range(8)]
             await asyncio.sleep(0.05)
             res = await engine.reload(BUNDLE_B)
-            await asyncio.sleep(0.05)
+            for _ in range(500):  # let every client finish at least one request on the new bundle
+                if seen.count(BUNDLE_B) >= 8:
+                    break
+                await asyncio.sleep(0.01)
             stop.set()
             await asyncio.gather(*clients)  # any failed request would raise here
             assert res["previous"] == BUNDLE_A and res["current"] == BUNDLE_B

@@ -354,10 +354,10 @@ def test_overload_is_429_with_retry_after_and_metrics_can_require_auth(artifacts
     )
     with live_server(settings) as srv, srv.client() as c:
         batcher = srv.app.state.engine._state.rec_batcher
-        fast = batcher.fn
+        fast, gate = batcher.fn, threading.Event()
 
-        def slow(items):
-            time.sleep(0.5)
+        def slow(items):  # the batch runs until the test opens the gate
+            gate.wait(timeout=30)
             return fast(items)
 
         batcher.fn = slow
@@ -367,11 +367,20 @@ def test_overload_is_429_with_retry_after_and_metrics_can_require_auth(artifacts
             with srv.client() as own:
                 results.append(own.post("/v1/recommend", json={"history": ["t1"], "k": 3}))
 
-        threads = [threading.Thread(target=call) for _ in range(4)]
-        for t in threads:
+        def wait_for(in_flight: int) -> None:
+            deadline = time.monotonic() + 20
+            while batcher.in_flight < in_flight:
+                assert time.monotonic() < deadline, "requests did not reach the queue"
+                time.sleep(0.01)
+
+        admitted = [threading.Thread(target=call) for _ in range(2)]
+        for i, t in enumerate(admitted):  # one computing, one waiting in the queue (max_queue=1)
             t.start()
-            time.sleep(0.05)
-        for t in threads:
+            wait_for(i + 1)
+        for _ in range(2):  # the queue is full: refused at once, without waiting for the batch
+            call()
+        gate.set()
+        for t in admitted:
             t.join()
         codes = sorted(r.status_code for r in results)
         assert codes == [200, 200, 429, 429], [r.text for r in results]
@@ -418,7 +427,9 @@ def test_reload_over_http_fails_no_in_flight_request(artifacts):
             t.start()
         time.sleep(0.3)
         r = c.post("/admin/reload", json={"bundle_id": BUNDLE_B})
-        time.sleep(0.3)
+        deadline = time.monotonic() + 20
+        while sum(1 for _, b in seen if b == BUNDLE_B) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
         stop.set()
         for t in threads:
             t.join()
