@@ -49,9 +49,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from torch.nn import functional as F
 
 from models.bundle import BUNDLES_DIR, Bundle, BundleError, current_bundle_id, load_bundle
+from models.io import TABLE_KEY
 from models.llm import SHIPPED_SOURCES, LLMConfig, LLMEmbedder, load_lora, merge_lora
 from models.prompts import PromptConfig, build_prompt
 from models.srs import SRSConfig, build_backbone, pad_left
@@ -269,6 +271,16 @@ class _State:
         )
         return st
 
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a bundle table as float32, read from its file without loading the whole table
+        (an llm table of a large catalog can be tens of GB)."""
+        info = self.manifest.tables[name]
+        with safe_open(str(self.bundle.table_path(name)), framework="pt") as f:
+            sl = f.get_slice(TABLE_KEY)
+            if list(sl.get_shape()) != [info.rows, info.dim]:
+                raise EngineLoadError(f"tables/{name}.safetensors: shape {sl.get_shape()} != the manifest's")
+            return sl[start:stop].float()
+
     def _device(self) -> torch.device:
         want = self.settings.device
         if want == "cuda" and not torch.cuda.is_available():
@@ -375,7 +387,9 @@ class _State:
         self.item_rows: _Rows | None = None
         table = None
         if "item" in self.manifest.tables:
-            table = self.bundle.table("item")
+            table = self.rows(
+                "item", 0, self.n_bundle + 1
+            )  # read, not cached in the Bundle: we keep our copy
         elif self.bundle.srs_state is not None and f"{_ID_KEY}weight" in self.bundle.srs_state:
             table = self.bundle.srs_state[f"{_ID_KEY}weight"]
         if table is not None:
@@ -387,7 +401,7 @@ class _State:
                 # Is the item table adapter(pca)? If not, it carries a trained ID residual (models.residual).
                 with torch.no_grad():
                     n = min(self.n_bundle, 256)
-                    pca_rows = self.bundle.table("pca")[1 : n + 1].float().to(self.device)
+                    pca_rows = self.rows("pca", 1, n + 1).to(self.device)
                     rows = self.item_rows.view()[1 : n + 1]
                     diff = (self.adapter(pca_rows) - rows).abs().max().item()
                     scale = rows.abs().max().item() or 1.0
@@ -648,7 +662,7 @@ class _State:
             )
             if "llm" in self.manifest.tables and n:
                 vecs = await asyncio.to_thread(self._embed_sync, self.attrs[1 : n + 1])
-                table = self.bundle.table("llm")[1 : n + 1].float().numpy()
+                table = self.rows("llm", 1, n + 1).numpy()
                 cos = (vecs["llm"] * table).sum(1) / (
                     np.linalg.norm(vecs["llm"], axis=1) * np.linalg.norm(table, axis=1) + 1e-12
                 )
@@ -1200,7 +1214,7 @@ class Engine:
         if row is None:
             raise NotFound(f"unknown item id {item_id!r}", code="unknown_item")
         if row <= st.n_bundle:
-            return st.bundle.table(space)[row].float().numpy()
+            return st.rows(space, row, row + 1)[0].numpy()
         if space not in st.live_tables:
             raise NotFound(f"registered items have no {space!r} vector", code="unknown_table")
         return st.reg_vectors[space][row - st.n_bundle - 1].copy()
