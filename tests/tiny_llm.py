@@ -73,3 +73,34 @@ def toy_dataset(n_items: int = 40, seed: int = 0) -> PreparedDataset:
         attributes=attributes,
         instruction=INSTRUCTION,
     )
+
+
+def write_toy_dataset(directory: str | Path, n_items: int = 150, n_users: int = 80, seed: int = 0) -> Path:
+    """A canonical dataset dir (interactions.csv + items.jsonl) of ``n_items`` toys that every user walks in
+    order (item i followed by i + 1), so a sequential model has something to learn; each user sees few enough
+    items for the 100 sampled negatives. For `prepare` with ``SplitConfig(user_core=3, item_core=1)`` (items no
+    user reaches are dropped there: 143 items remain with the defaults)."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rows, ts = ["user_id,item_id,timestamp"], 0
+    for u in range(n_users):
+        start, length = (u * 7) % (n_items - 10), int(rng.integers(5, 11))
+        for i in range(start + 1, min(start + length, n_items) + 1):
+            ts += 1
+            rows.append(f"u{u},t{i},{ts}")
+    (directory / "interactions.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    with open(directory / "items.jsonl", "w", encoding="utf-8") as f:
+        for i in range(1, n_items + 1):
+            title = f"{rng.choice(TITLES)} {rng.choice(TITLES)} {rng.choice(KINDS)}"
+            genres = [str(g) for g in rng.choice(GENRES, size=int(rng.integers(1, 3)), replace=False)]
+            item = {
+                "item_id": f"t{i}",
+                "title": title,
+                "year": int(rng.integers(1990, 2000)),
+                "genres": genres,
+            }
+            f.write(json.dumps(item) + "\n")
+    return directory

@@ -39,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_srs_args(rat)
     _add_rat_args(rat)
     rat.set_defaults(func=cmd_train_rat)
+    _register_scft(train_sub)
 
     ev = sub.add_parser("evaluate", help="evaluate saved SRS checkpoints on the test split")
     _add_data_args(ev)
@@ -52,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     ev.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     ev.set_defaults(func=cmd_evaluate)
+    _register_llm_commands(sub)
 
     rep = sub.add_parser("report", help="collect finished runs into a results table (and results.json)")
     rep_sub = rep.add_subparsers(dest="report_command", required=True, metavar="ACTION")
@@ -290,6 +292,313 @@ def cmd_train_rat(args: argparse.Namespace) -> int:
         save_rat(result, out, data=data, llm=llm)
         per_seed[seed] = _finish_run(out, data.name, args.backbone, label, llm, seed, result)
     return _report(args, data.name, args.backbone, label, llm, per_seed)
+
+
+# ---- LLM stages: train scft, embed, export, pipeline ------------------------------------------------------------
+def _register_scft(train_sub: argparse._SubParsersAction) -> None:
+    scft = train_sub.add_parser(
+        "scft",
+        help="SCFT (paper stage 1): LoRA contrastive fine-tuning of the LLM on the catalog's item prompts",
+        description="Fine-tune the LLM with LoRA on two augmented views of every item prompt "
+        "(training/scft.py). Writes the run dir (--out, default runs/<dataset>/scft-<llm>): lora/ (the peft "
+        "adapter `llmemb embed --lora` and `llmemb export` take) and scft.json (loss history, retrieval probe "
+        "before/after). A finished run with the same config is not redone; --resume continues an interrupted "
+        "one from its newest checkpoint.",
+    )
+    _add_data_args(scft)
+    _add_llm_args(scft)
+    scft.add_argument(
+        "--out", type=Path, default=None, help="run directory (default runs/<dataset>/scft-<llm>)"
+    )
+    scft.add_argument(
+        "--max-steps", type=int, default=None, help="optimiser steps (default: --epochs epochs)"
+    )
+    scft.add_argument(
+        "--epochs", type=int, default=1, help="passes over the catalog when --max-steps is unset"
+    )
+    scft.add_argument("--batch-size", type=int, default=32, help="items per step (two views each)")
+    scft.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
+    scft.add_argument("--lr", type=float, default=2e-4, help="LoRA learning rate (AdamW, warmup + cosine)")
+    scft.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
+    scft.add_argument("--lora-alpha", type=int, default=None, help="LoRA alpha (default 2 x rank)")
+    scft.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input")
+    scft.add_argument(
+        "--view-mode",
+        default="auto",
+        choices=["auto", "attr", "span"],
+        help="views: attr = drop attributes (paper), span = drop a word span, auto = attr if >= 2 attributes",
+    )
+    scft.add_argument("--drop", type=float, default=0.2, help="drop ratio of attributes / words per view")
+    scft.add_argument("--loss-form", default="infonce", choices=["infonce", "paper"], help="contrastive form")
+    scft.add_argument(
+        "--temperature", type=float, default=0.05, help="initial (trainable, clamped) temperature"
+    )
+    scft.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    scft.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0 = none)")
+    scft.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in the run dir"
+    )
+    scft.add_argument(
+        "--probe-items", type=int, default=256, help="items of the retrieval probe before/after (0 = off)"
+    )
+    scft.add_argument(
+        "--no-probe-holdout",
+        action="store_true",
+        help="train on the probe items too (by default they are held out, so the probe measures generalisation)",
+    )
+    scft.add_argument("--seed", type=int, default=42, help="seed of batches, views and LoRA init")
+    scft.set_defaults(func=cmd_train_scft)
+
+
+def _register_llm_commands(sub: argparse._SubParsersAction) -> None:
+    emb = sub.add_parser(
+        "embed",
+        help="embed every catalog item with the LLM (+ SCFT LoRA) into a safetensors table",
+        description="Run every item prompt of a prepared dataset through the LLM (training/embed.py) and write "
+        "the mean-pooled vectors as a safetensors table: tensor 'weight', (n_items + 1, d), row 0 zeros, row i = "
+        "internal item i. Batches are length-sorted and the result does not depend on --batch-size. The "
+        "metadata names the model, LoRA, prompts and prompt config; a table with the same metadata is reused.",
+    )
+    _add_data_args(emb)
+    _add_llm_args(emb)
+    emb.add_argument(
+        "--lora",
+        type=Path,
+        default=None,
+        help="SCFT adapter dir (`train scft` writes OUT/<dataset>/scft-<llm>/lora); its scft.json supplies "
+        "the LLM, max length and prompt settings the adapter was trained with unless given here",
+    )
+    emb.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="table path (default runs/<dataset>/llm-<llm>[-scft].safetensors)",
+    )
+    emb.add_argument("--batch-size", type=int, default=64, help="prompts per forward pass")
+    emb.add_argument(
+        "--half-copy", type=Path, default=None, help="also write a float16 copy here (for transfer)"
+    )
+    emb.add_argument("--quiet", action="store_true", help="no progress bar")
+    emb.set_defaults(func=cmd_embed)
+
+    exp = sub.add_parser(
+        "export",
+        help="write a bundle (docs/ARTIFACTS.md) from a finished RAT run, its LLM table and LoRA",
+        description="Package a `train rat` run (or a pipeline rat/seed<N> dir) with the LLM table it was "
+        "trained on and that table's LoRA into an immutable bundle under ARTIFACTS/bundles/<id> and point "
+        "ARTIFACTS/CURRENT at it (training/export.py). Everything is cross-checked first: dataset, prompts, "
+        "LoRA and base-model sha256, PCA / adapter / backbone sizes.",
+    )
+    _add_data_args(exp)
+    exp.add_argument(
+        "--run", type=Path, required=True, help="the RAT run dir (model.safetensors, rat.json, ...)"
+    )
+    exp.add_argument("--llm-table", type=Path, default=None, help="the table the run was trained on")
+    exp.add_argument(
+        "--lora", type=Path, default=None, help="the SCFT adapter dir that table was embedded with"
+    )
+    exp.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="artifacts root")
+    exp.add_argument("--bundle-id", default=None, help="bundle id (default <UTC time>-<content hash>)")
+    exp.add_argument("--no-set-current", action="store_true", help="write the bundle without activating it")
+    exp.add_argument(
+        "--instruction",
+        default=None,
+        help="prompt instruction, only for tables that do not record their prompt config (checked)",
+    )
+    exp.add_argument("--max-value-chars", type=int, default=200, help="with --instruction: value length cut")
+    exp.set_defaults(func=cmd_export)
+
+    pipe = sub.add_parser(
+        "pipeline",
+        help="the whole method: prepare, SCFT, embed, PCA, ID SASRec, RAT, evaluate, export",
+        description="Run every stage of LLMEmb from one TOML config (training/pipeline.py; every key is "
+        "explained in configs/default.toml). Each stage writes to ROOT/<dataset>/<stage>-<hash of its config "
+        "and everything upstream>; stages already done for the same config are skipped. Prints the stage "
+        "timings, the results table and the bundle path.",
+    )
+    pipe.add_argument(
+        "--config", type=Path, default=None, help="pipeline TOML (default configs/default.toml)"
+    )
+    pipe.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="TABLE.KEY=VALUE",
+        help="override one key, value in TOML syntax (repeatable), e.g. --set scft.max_steps=5 "
+        "--set 'run.seeds=[42, 43, 44]'",
+    )
+    pipe.set_defaults(func=cmd_pipeline)
+
+
+def _add_llm_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--llm",
+        default=None,
+        help="smollm2 (shipped SmolLM2-135M, the default) | minilm | a local HF model dir | a .gguf file",
+    )
+    p.add_argument("--max-length", type=int, default=None, help="prompt tokens kept (default 128)")
+    p.add_argument(
+        "--instruction",
+        default=None,
+        help="prompt instruction (default: the dataset's, e.g. 'The movie has ...')",
+    )
+    p.add_argument(
+        "--max-value-chars", type=int, default=None, help="attribute values cut to this length (200)"
+    )
+    p.add_argument("--llm-device", default=None, help="cpu | cuda[:N] (default: cuda when available)")
+
+
+def _llm_slug(source: str) -> str:
+    from training.rat import method_slug
+
+    return method_slug(Path(source).name if ("/" in source or source.endswith(".gguf")) else source)
+
+
+def _llm_settings(args: argparse.Namespace, scft_json: Path | None = None) -> tuple:
+    """(LLMConfig, instruction, max_value_chars) from the flags, defaults from an SCFT run's scft.json."""
+    from models.llm import LLMConfig
+
+    trained = {}
+    if scft_json is not None and scft_json.is_file():
+        trained = json.loads(scft_json.read_text(encoding="utf-8")).get("config") or {}
+    llm = trained.get("llm") or {}
+    source = args.llm or llm.get("source") or "smollm2"
+    max_length = args.max_length or llm.get("max_length") or LLMConfig.max_length
+    cfg = LLMConfig(source=source, max_length=max_length, device=args.llm_device)
+    instruction = args.instruction if args.instruction is not None else trained.get("instruction")
+    max_value_chars = args.max_value_chars or trained.get("max_value_chars") or 200
+    return cfg, instruction, max_value_chars
+
+
+def cmd_train_scft(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from models.llm import LoraSettings
+    from models.prompts import ViewConfig
+    from training.scft import SCFTConfig, main
+    from training.split import format_stats
+
+    llm, instruction, max_value_chars = _llm_settings(args)
+    try:
+        cfg = SCFTConfig(
+            llm=llm,
+            lora=LoraSettings(
+                r=args.lora_r, alpha=args.lora_alpha or 2 * args.lora_r, dropout=args.lora_dropout
+            ),
+            views=ViewConfig(attr_drop=args.drop, span_drop=args.drop, mode=args.view_mode),
+            instruction=instruction,
+            max_value_chars=max_value_chars,
+            batch_size=args.batch_size,
+            grad_accum=args.grad_accum,
+            lr=args.lr,
+            epochs=args.epochs,
+            max_steps=args.max_steps,
+            temperature=args.temperature,
+            loss_form=args.loss_form,
+            gradient_checkpointing=args.gradient_checkpointing,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+            probe_items=args.probe_items,
+            probe_holdout=not args.no_probe_holdout,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        raise SystemExit(f"llmemb train scft: {e}") from None
+    data = _prepare(args)
+    print(format_stats(data.stats))
+    out = args.out or Path("runs") / data.name / f"scft-{_llm_slug(llm.source)}"
+    lora = main(dataclasses.replace(cfg, out_dir=str(out)), data)
+    summary = json.loads((out / "scft.json").read_text(encoding="utf-8"))
+    print(f"{summary['steps']} steps in {summary['seconds']:.0f} s, final loss {summary['final_loss']}")
+    print(f"LoRA adapter: {lora}")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from models.prompts import PromptConfig
+    from training.embed import catalog_prompts, embed_catalog, load_embedder
+    from training.export import prompt_metadata
+
+    if args.batch_size < 1:
+        raise SystemExit(f"llmemb embed: --batch-size must be >= 1, got {args.batch_size}")
+    if args.lora is not None and not (args.lora / "adapter_config.json").is_file():
+        raise SystemExit(f"llmemb embed: {args.lora} is not a peft adapter dir (no adapter_config.json)")
+    llm, instruction, max_value_chars = _llm_settings(
+        args, args.lora.parent / "scft.json" if args.lora else None
+    )
+    data = _prepare(args)
+    prompt = PromptConfig(
+        instruction=instruction if instruction is not None else data.instruction,
+        max_value_chars=max_value_chars,
+    )
+    out = (
+        args.out
+        or Path("runs") / data.name / f"llm-{_llm_slug(llm.source)}{'-scft' if args.lora else ''}.safetensors"
+    )
+    embedder = load_embedder(llm, args.lora)
+    table = embed_catalog(
+        embedder,
+        catalog_prompts(data, prompt),
+        out,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+        extra_metadata=prompt_metadata(prompt),
+    )
+    if args.half_copy:
+        from safetensors.torch import save_file
+
+        from models.io import TABLE_KEY
+
+        args.half_copy.parent.mkdir(parents=True, exist_ok=True)
+        save_file({TABLE_KEY: table.half().contiguous()}, str(args.half_copy))
+    print(f"{data.name}: {table.shape[0] - 1} items x {table.shape[1]} -> {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from models.bundle import BundleError
+    from models.prompts import PromptConfig
+    from training.export import ExportError, export_bundle
+
+    data = _prepare(args)
+    prompt = None
+    if args.instruction is not None:
+        prompt = PromptConfig(instruction=args.instruction, max_value_chars=args.max_value_chars)
+    try:
+        path = export_bundle(
+            args.artifacts,
+            data,
+            args.run,
+            args.llm_table,
+            lora_dir=args.lora,
+            prompt_cfg=prompt,
+            bundle_id=args.bundle_id,
+            set_current=not args.no_set_current,
+        )
+    except (ExportError, BundleError, FileNotFoundError) as e:
+        raise SystemExit(f"llmemb export: {e}") from None
+    print(f"bundle: {path}" + ("" if args.no_set_current else f" (CURRENT in {args.artifacts})"))
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from training.pipeline import ConfigError, load_config, parse_override, run_pipeline, timing_table
+    from training.report import markdown_table
+
+    try:
+        overrides = dict(parse_override(o) for o in args.overrides)
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        raise SystemExit(f"llmemb pipeline: {e}") from None
+    result = run_pipeline(cfg)
+    print()
+    print(timing_table(result.stages))
+    print(markdown_table(result.records))
+    print(f"run directory: {result.run_dir}")
+    if result.bundle is not None:
+        print(f"bundle: {result.bundle}")
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
