@@ -1,9 +1,10 @@
 # Every target CI runs is here; `make help` lists them.
 VENV ?= .venv
 BIN := $(VENV)/bin
-DATASET ?= ml-100k
+CONFIG ?= configs/default.toml
+ARTIFACTS ?= artifacts
 
-.PHONY: help install run test test-fast lint format bench-srs docker-config
+.PHONY: help install run retrain test test-fast lint format bench-srs docker-config
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -11,8 +12,14 @@ help: ## list the targets
 install: ## create .venv and install llmemb (CPU PyTorch where there is no GPU)
 	@scripts/install.sh
 
-run: install ## the main job: train + evaluate ID-SASRec on the embedded default (ml-100k), print the table
-	$(BIN)/llmemb train srs --dataset $(DATASET) --backbone sasrec --seeds 42
+run: install ## the main job: LLMEmb pipeline on the embedded default (unless a bundle exists), then serve on 127.0.0.1:8000
+	@if [ -f $(ARTIFACTS)/CURRENT ]; then \
+	  echo "bundle $$(cat $(ARTIFACTS)/CURRENT) found in $(ARTIFACTS)/: serving it (make retrain to train again)"; \
+	else $(BIN)/llmemb pipeline --config $(CONFIG) --set export.artifacts=$(ARTIFACTS); fi
+	LLMEMB_ARTIFACTS=$(ARTIFACTS) $(BIN)/llmemb serve
+
+retrain: install ## run the pipeline again (finished stages are skipped) and export a new bundle
+	$(BIN)/llmemb pipeline --config $(CONFIG) --set export.artifacts=$(ARTIFACTS)
 
 test: install ## lint + the whole test suite (what CI runs)
 	$(BIN)/ruff check .
