@@ -104,3 +104,26 @@ def write_toy_dataset(directory: str | Path, n_items: int = 150, n_users: int = 
             }
             f.write(json.dumps(item) + "\n")
     return directory
+
+
+def walk_dataset(
+    n_items: int = 150, start_below: int | None = None, lengths: tuple[int, int] = (5, 11), wrap: bool = False
+) -> PreparedDataset:
+    """60 users walking the catalog in steps of one (item i is followed by item i + 1), ids 1..n_items, no attributes.
+
+    Starts are drawn below ``start_below`` (default n_items), lengths in [lengths[0], lengths[1]); with ``wrap`` a walk
+    past the last item continues at item 1. The evaluator's sampled protocol needs >= 100 unseen items per user.
+    """
+    rng = np.random.default_rng(0)
+    seqs = []
+    for _ in range(60):
+        start, length = rng.integers(0, start_below or n_items), rng.integers(*lengths)
+        steps = start + np.arange(length)
+        seqs.append(((steps % n_items if wrap else steps) + 1).astype(np.int64))
+    return PreparedDataset(
+        name="synthetic",
+        item_ids=["<pad>"] + [f"i{i}" for i in range(1, n_items + 1)],
+        user_ids=[f"u{u}" for u in range(len(seqs))],
+        sequences=seqs,
+        attributes=[{} for _ in range(n_items + 1)],
+    )

@@ -22,6 +22,7 @@ from models.llm import (
     save_lora,
 )
 from models.prompts import build_prompt
+from tests.tiny_llm import build_tiny_llama
 
 WORDS = (
     "the item has following attributes : title is toy story ( 1995 ) ; release year genres animation comedy "
@@ -55,25 +56,7 @@ def word_level_tokenizer(specials, post_template=None, **special_kwargs):
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory):
     """A tiny random LLaMA checkpoint (with LM head, as a real checkout has) whose tokenizer has no pad token."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer, vocab_size = word_level_tokenizer(["<unk>", "<s>", "</s>"], bos_token="<s>", eos_token="</s>")
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), words=WORDS)
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ from models.adapter import AdaptedTableEncoder
 from models.pca import PCA
 from models.residual import GateConfig, PopularityGate, ResidualAdaptedEncoder
 from models.srs import FrozenTableEncoder, IDEncoder, build_backbone, pad_left
+from tests.tiny_llm import walk_dataset
 from training.data.dataset import PreparedDataset
 from training.rat import (
     METHODS,
@@ -46,18 +47,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def data() -> PreparedDataset:
     """60 users walking the catalog (item i followed by i + 1); items 141..150 never appear (zero count)."""
-    rng = np.random.default_rng(0)
-    seqs = []
-    for _ in range(60):
-        start, length = rng.integers(0, 130), rng.integers(5, 11)
-        seqs.append((start + np.arange(length) + 1).astype(np.int64))
-    return PreparedDataset(
-        name="synthetic",
-        item_ids=["<pad>"] + [f"i{i}" for i in range(1, N_ITEMS + 1)],
-        user_ids=[f"u{u}" for u in range(len(seqs))],
-        sequences=seqs,
-        attributes=[{} for _ in range(N_ITEMS + 1)],
-    )
+    return walk_dataset(N_ITEMS, start_below=130, lengths=(5, 11))
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from models.srs import FrozenTableEncoder, pad_left
+from tests.tiny_llm import walk_dataset
 from training.data.dataset import PreparedDataset
 from training.srs import (
     SRSTrainConfig,
@@ -35,18 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="session")
 def data() -> PreparedDataset:
     """60 users walking the catalog in steps of one: item i is always followed by item i + 1."""
-    rng = np.random.default_rng(0)
-    seqs = []
-    for _ in range(60):
-        start, length = rng.integers(0, N_ITEMS), rng.integers(5, 20)
-        seqs.append(((start + np.arange(length)) % N_ITEMS + 1).astype(np.int64))
-    return PreparedDataset(
-        name="synthetic",
-        item_ids=["<pad>"] + [f"i{i}" for i in range(1, N_ITEMS + 1)],
-        user_ids=[f"u{u}" for u in range(len(seqs))],
-        sequences=seqs,
-        attributes=[{} for _ in range(N_ITEMS + 1)],
-    )
+    return walk_dataset(N_ITEMS, lengths=(5, 20), wrap=True)
 
 
 def test_config_validates() -> None:
