@@ -38,6 +38,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -170,6 +171,48 @@ def _source_from_base(source: str | None) -> str | None:
 def _filtered(cls, raw: Mapping[str, Any], drop: Sequence[str] = ()) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in raw.items() if k in names and k not in drop}
+
+
+# One backbone call's fixed cost in history positions (padding included): what a separate call for a group of
+# histories must save in padding to pay for itself. CPU: ~0.5 ms a call, ~7 us a position (SASRec, hidden 128, 2
+# blocks). CUDA: the positions are nearly free and every call is a round of kernel launches, so one call.
+_GROUP_CALL_COST_CPU = 64
+_GROUP_CALL_COST_CUDA = 1 << 20
+
+
+def length_groups(lengths: Sequence[int], call_cost: int) -> list[list[int]]:
+    """Indices of a recommend batch grouped by history length, one backbone call per group.
+
+    A batch padded to its longest history spends most of its time on padding: Beauty histories have a median of 6
+    ids, and a batch of 64 usually holds one of 50+. Groups are runs of the batch sorted by length, chosen to
+    minimise sum(group size x its longest history + call_cost) (dynamic programming over the distinct lengths).
+    The backbones' positions are right-aligned, so a user's state does not depend on its group's width.
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    values: list[int] = []
+    ends: list[int] = []  # ends[j]: number of sorted indices with length <= values[j]
+    for n, i in enumerate(order):
+        if values and lengths[i] == values[-1]:
+            ends[-1] = n + 1
+        else:
+            values.append(lengths[i])
+            ends.append(n + 1)
+    m = len(values)
+    best = [0.0] + [math.inf] * m
+    cut = [0] * (m + 1)
+    for j in range(1, m + 1):
+        width = values[j - 1]
+        for i in range(j):
+            cost = best[i] + (ends[j - 1] - (ends[i - 1] if i else 0)) * width + call_cost
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups = []
+    j = m
+    while j > 0:
+        i = cut[j]
+        groups.append(order[(ends[i - 1] if i else 0) : ends[j - 1]])
+        j = i
+    return groups[::-1]
 
 
 class CatalogEncoder(ItemEncoder):
@@ -582,8 +625,19 @@ class _State:
 
     @torch.inference_mode()
     def _recommend_batch(self, batch: list[tuple[tuple[int, ...], int, frozenset[int]]]):
-        seq = pad_left([list(b[0]) for b in batch], self.window).to(self.device)
-        users = self.model(seq).float().cpu().numpy()
+        seqs = [b[0] for b in batch]
+        call_cost = _GROUP_CALL_COST_CUDA if self.device.type == "cuda" else _GROUP_CALL_COST_CPU
+        groups = length_groups([len(s) for s in seqs], call_cost)
+        if len(groups) == 1:
+            users = self.model(pad_left(seqs, self.window).to(self.device)).float().cpu().numpy()
+        else:
+            users = None
+            for idx in groups:
+                out = self.model(pad_left([seqs[i] for i in idx], self.window).to(self.device))
+                out = out.float().cpu().numpy()
+                if users is None:
+                    users = np.empty((len(seqs), out.shape[1]), dtype=np.float32)
+                users[idx] = out
         return self.index.search(users, [b[1] for b in batch], [b[2] for b in batch])
 
     # ----- catalog updates -----
