@@ -175,10 +175,11 @@ def loadavg() -> float:
         return float("nan")
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """user + system CPU seconds of a process (all its threads) from /proc/<pid>/stat."""
+def proc_cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """user + system CPU seconds of a process (all its threads), or of one of its threads, from /proc."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return float("nan")
@@ -580,8 +581,9 @@ class Server:
             await asyncio.sleep(0.2)
         raise RuntimeError(f"the server was not ready within {timeout:.0f} s; log:\n{self.tail()}")
 
-    def cpu_seconds(self) -> float:
-        return proc_cpu_seconds(self.proc.pid)
+    def cpu_seconds(self) -> tuple[float, float]:
+        """(whole process, main thread = the event loop) CPU seconds."""
+        return proc_cpu_seconds(self.proc.pid), proc_cpu_seconds(self.proc.pid, self.proc.pid)
 
     def tail(self, n: int = 4000) -> str:
         with contextlib.suppress(OSError):
@@ -634,6 +636,7 @@ class CellResult:
     errors: dict[str, int]
     latencies_ms: list[float]
     server_cpu_s: float
+    loop_cpu_s: float  # the server's main thread: uvicorn's event loop (HTTP, FastAPI, engine bookkeeping)
     client_cpu_s: float
     batches: float  # micro-batches the server ran during the cell (warm-up included)
     batch_items: float
@@ -662,8 +665,10 @@ class CellResult:
             "completed_in_window": self.completed,
             "errors": self.errors,
             "server_cpu_ms_per_req": round(1000 * self.server_cpu_s / n, 3),
+            "loop_cpu_ms_per_req": round(1000 * self.loop_cpu_s / n, 3),
             "client_cpu_ms_per_req": round(1000 * self.client_cpu_s / n, 3),
             "server_cpu_cores": round(self.server_cpu_s / self.duration_s, 3),
+            "loop_cpu_cores": round(self.loop_cpu_s / self.duration_s, 3),
             "client_cpu_cores": round(self.client_cpu_s / self.duration_s, 3),
             "mean_batch": round(self.batch_items / self.batches, 2) if self.batches else None,
             "drain_s": round(self.drain_s, 2),
@@ -711,9 +716,9 @@ async def run_cell(
 
     async def sampler() -> None:
         await asyncio.sleep(max(0.0, t_meas - time.perf_counter()))
-        marks["srv0"], marks["cli0"] = server.cpu_seconds(), time.process_time()
+        (marks["srv0"], marks["loop0"]), marks["cli0"] = server.cpu_seconds(), time.process_time()
         await asyncio.sleep(max(0.0, t_end - time.perf_counter()))
-        marks["srv1"], marks["cli1"] = server.cpu_seconds(), time.process_time()
+        (marks["srv1"], marks["loop1"]), marks["cli1"] = server.cpu_seconds(), time.process_time()
 
     tasks = [asyncio.ensure_future(client(i)) for i in range(conc)]
     samp = asyncio.ensure_future(sampler())
@@ -746,6 +751,7 @@ async def run_cell(
         errors,
         lat,
         marks["srv1"] - marks["srv0"],
+        marks["loop1"] - marks["loop0"],
         marks["cli1"] - marks["cli0"],
         bc1 - bc0,
         bs1 - bs0,
@@ -890,7 +896,7 @@ def print_table(summary: dict) -> None:
     )
     head = (
         f"{'endpoint':<10} {'conc':>4} {'req/s':>9} {'items/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
-        f"{'err':>5} {'srv ms/req':>10} {'srv cores':>9} {'cli ms/req':>10} {'batch':>6}"
+        f"{'err':>5} {'srv ms/req':>10} {'loop ms/req':>11} {'srv cores':>9} {'cli ms/req':>10} {'batch':>6}"
     )
     print(head)
     print("-" * len(head))
@@ -898,7 +904,8 @@ def print_table(summary: dict) -> None:
         print(
             f"{c['endpoint']:<10} {c['concurrency']:>4} {c['req_per_s']:>9.1f} {c['items_per_s']:>9.1f} "
             f"{c['p50_ms']:>8.2f} {c['p95_ms']:>8.2f} {c['p99_ms']:>8.2f} {sum(c['errors'].values()):>5} "
-            f"{c['server_cpu_ms_per_req']:>10.3f} {c['server_cpu_cores']:>9.2f} {c['client_cpu_ms_per_req']:>10.3f} "
+            f"{c['server_cpu_ms_per_req']:>10.3f} {c['loop_cpu_ms_per_req']:>11.3f} {c['server_cpu_cores']:>9.2f} "
+            f"{c['client_cpu_ms_per_req']:>10.3f} "
             f"{(c['mean_batch'] or 0):>6.1f}"
         )
     off = summary.get("offline")
@@ -983,7 +990,7 @@ async def run_cells(args, server: Server, key: str, work: Workload) -> list[dict
             print(
                 f"{label:<10} c={conc:<3} {s['req_per_s']:>8.1f} req/s  p50 {s['p50_ms']:.2f}  p99 {s['p99_ms']:.2f} ms  "
                 f"errors {s['errors'] or 0}  server {s['server_cpu_ms_per_req']:.3f} ms CPU/req "
-                f"({s['server_cpu_cores']:.2f} cores), client {s['client_cpu_ms_per_req']:.3f} ms/req, "
+                f"(event loop {s['loop_cpu_ms_per_req']:.3f}; {s['server_cpu_cores']:.2f} cores), client {s['client_cpu_ms_per_req']:.3f} ms/req, "
                 f"batch {s['mean_batch']}",
                 flush=True,
             )
