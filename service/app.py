@@ -18,7 +18,7 @@ from fastapi.openapi.utils import get_openapi
 from models import __version__
 from service.api import errors
 from service.api.middleware import AuthMiddleware, BodyLimitMiddleware, MetricsMiddleware
-from service.api.routes import ROUTERS
+from service.api.routes import ROUTERS, TAGS
 from service.engine import Engine
 from service.metrics import Metrics
 from service.settings import Settings
@@ -84,6 +84,7 @@ def create_app(
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        openapi_tags=TAGS,
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -98,7 +99,11 @@ def create_app(
         if app.openapi_schema:
             return app.openapi_schema
         schema = get_openapi(
-            title=app.title, version=app.version, description=app.description, routes=app.routes
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=app.routes,
+            tags=app.openapi_tags,
         )
         if settings.auth_enabled:
             schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearerAuth"] = {

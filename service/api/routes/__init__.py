@@ -1,5 +1,12 @@
-"""The API routes, one router per area (see docs/API.md)."""
+"""The API routes, one router per area (see docs/API.md).
+
+Routers are matched in list order on every request: the hot endpoints (recommend, embed) come first, which saves
+~25 us of routing per request (bench/serve.py). /docs keeps its own order (``TAGS``).
+"""
 
 from service.api.routes import admin, embeddings, health, items, recommend, tables
 
-ROUTERS = [health.router, embeddings.router, items.router, tables.router, recommend.router, admin.router]
+ROUTERS = [recommend.router, embeddings.router, health.router, items.router, tables.router, admin.router]
+
+# The order of the sections at /docs.
+TAGS = [{"name": n} for n in ("service", "embeddings", "items", "tables", "recommend")]

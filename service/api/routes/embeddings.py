@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from fastapi import APIRouter, Depends
 
-from service.api.deps import encode, get_engine
+from service.api.deps import FastJSONResponse, encode, get_engine
 from service.api.schemas import (
     ERRORS,
     EmbeddingsRequest,
@@ -40,16 +40,22 @@ MODELS = {
     description="Each attribute map becomes the bundle's prompt (instruction + 'attr is value; ...') and is "
     "embedded in the `item` space (what the SRS backbone uses: adapter(PCA(LLM))), or `pca` / `llm`.",
 )
-async def embed_items(body: EmbedItemsRequest, engine: Engine = Depends(get_engine)) -> EmbedItemsResponse:
+async def embed_items(body: EmbedItemsRequest, engine: Engine = Depends(get_engine)):
     res = await engine.embed(body.items, space=body.space, normalize=body.normalize)
-    data = [{"index": i, "embedding": e} for i, e in enumerate(encode(res.vectors, body.encoding_format))]
+    data = [
+        {"object": "embedding", "index": i, "embedding": e}
+        for i, e in enumerate(encode(res.vectors, body.encoding_format))
+    ]
     tokens = sum(res.tokens)
-    return EmbedItemsResponse(
-        bundle_id=res.bundle_id,
-        space=res.space,
-        dim=int(res.vectors.shape[1]),
-        data=data,
-        usage={"prompt_tokens": tokens, "total_tokens": tokens},
+    return FastJSONResponse(
+        {
+            "object": "list",
+            "bundle_id": res.bundle_id,
+            "space": res.space,
+            "dim": int(res.vectors.shape[1]),
+            "data": data,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
     )
 
 
@@ -62,7 +68,7 @@ async def embed_items(body: EmbedItemsRequest, engine: Engine = Depends(get_engi
     "`dimensions` keeps the first n and re-normalises. Inputs longer than the LLM's max_length tokens are cut "
     "there, as in training; `usage` counts the tokens used.",
 )
-async def embeddings(body: EmbeddingsRequest, engine: Engine = Depends(get_engine)) -> EmbeddingsResponse:
+async def embeddings(body: EmbeddingsRequest, engine: Engine = Depends(get_engine)):
     space = MODELS.get(body.model)
     if space is None:
         raise NotFound(
@@ -82,10 +88,20 @@ async def embeddings(body: EmbeddingsRequest, engine: Engine = Depends(get_engin
             )
         vecs = vecs[:, : body.dimensions]
         vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
-    data = [{"index": i, "embedding": e} for i, e in enumerate(encode(vecs, body.encoding_format))]
+    data = [
+        {"object": "embedding", "index": i, "embedding": e}
+        for i, e in enumerate(encode(vecs, body.encoding_format))
+    ]
     tokens = sum(res.tokens)
     name = body.model if body.model.startswith("llmemb") else f"llmemb-{space}"
-    return EmbeddingsResponse(data=data, model=name, usage={"prompt_tokens": tokens, "total_tokens": tokens})
+    return FastJSONResponse(
+        {
+            "object": "list",
+            "data": data,
+            "model": name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERRORS, summary="OpenAI-compatible model list")
