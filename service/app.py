@@ -17,6 +17,7 @@ from fastapi.openapi.utils import get_openapi
 
 from models import __version__
 from service.api import errors
+from service.api.deps import settle_heap
 from service.api.middleware import AuthMiddleware, BodyLimitMiddleware, MetricsMiddleware
 from service.api.routes import ROUTERS, TAGS
 from service.engine import Engine
@@ -66,6 +67,7 @@ def create_app(
                 await engine.start()
             except Exception:  # kept in engine.load_error and shown by /ready
                 return
+            settle_heap()
             if on_ready is not None:
                 on_ready(engine)
 

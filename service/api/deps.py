@@ -6,6 +6,7 @@ They are `async def` on purpose: FastAPI runs a plain `def` dependency in its th
 from __future__ import annotations
 
 import base64
+import gc
 
 import numpy as np
 import orjson
@@ -47,3 +48,16 @@ class FastJSONResponse(JSONResponse):
 
     def render(self, content) -> bytes:
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def settle_heap() -> None:
+    """Exempt what is loaded now (the bundle's catalog, models, modules: ~0.5 M objects) from the cyclic GC.
+
+    Called once a bundle is loaded and after a reload. Without it every full collection walks the whole heap
+    (~0.3 s on the CPU machine, the event loop stopped meanwhile), and under load one comes every few thousand
+    requests: a stall that shows in p99 latency and throughput. Frozen objects are still freed by reference
+    counting; unfreezing first lets the collector reclaim a retired bundle's cycles.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Body, Depends, Request
 
-from service.api.deps import get_engine
+from service.api.deps import get_engine, settle_heap
 from service.api.schemas import ERRORS, ReloadRequest, ReloadResponse
 from service.engine import Engine
 from service.errors import NotReady
@@ -35,4 +35,5 @@ async def reload(request: Request, body: ReloadRequest | None = Body(None)) -> R
     if not engine.ready and engine.loading:
         raise NotReady("the service is still loading its first bundle")
     res = await engine.reload(body.bundle_id if body else None)
+    settle_heap()
     return ReloadResponse(**res)
