@@ -25,9 +25,11 @@ What runs, in order:
      costs as little CPU as it can; its CPU time is reported next to the server's. Cells: ``/v1/items/embed``
      with 1 and 32 items per request and ``/v1/recommend`` (history lengths drawn from Beauty's sequence-length
      distribution, ids uniform over the catalog, k=10, exclude_seen) at each concurrency (default 1, 16, 64):
-     ``--warmup`` seconds unrecorded, then ``--duration`` seconds recorded (throughput = responses completed in
-     the window; latency of every request started in it, waited for to the end), then the in-flight requests
-     drain before the next cell.
+     ``--warmup`` seconds unrecorded, then a window of ``--duration`` seconds, extended until it holds one
+     response per client (slow cells: LLM embedding on a CPU); throughput = responses in the window / its
+     length, latency percentiles over those responses; then the in-flight requests drain before the next cell.
+     Server CPU per request (the whole process, and its event-loop thread alone) and the load generator's CPU
+     come from /proc and process_time over the window; mean batch size from the server's /metrics.
 
 Cores (``--pin``): ``split`` pins the server (and the offline child) to all cores but the last and the load
 generator to the last one; ``none`` pins nothing (client and server share every core). ``auto`` = split from 3
@@ -686,14 +688,20 @@ async def run_cell(
     duration_s: float,
     queue: str,
     drain_limit_s: float,
+    max_window_s: float,
 ) -> CellResult:
+    """``conc`` clients, each on its own keep-alive connection, send the next request as soon as the last answer
+    arrived. After ``warmup_s`` the window opens; it closes once ``duration_s`` has passed AND ``conc``
+    responses have arrived in it (one full round, for slow cells such as LLM embedding on a CPU), or after
+    ``max_window_s``. Throughput = responses in the window / its length; latency = of those responses. Then the
+    clients stop and what is in flight drains (not counted)."""
     port = server.port
     _, before = await http_get(port, "/metrics", key)
     conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(conc)]
     records: list[tuple[float, float, int]] = []
     errors: dict[str, int] = {}
-    now = time.perf_counter()
-    t_meas, t_end = now + warmup_s, now + warmup_s + duration_s
+    t_meas = time.perf_counter() + warmup_s
+    window = {"end": float("inf"), "done": 0}
     marks: dict[str, float] = {}
 
     async def client(i: int) -> None:
@@ -703,7 +711,7 @@ async def run_cell(
         perf = time.perf_counter
         while True:
             t0 = perf()
-            if t0 >= t_end:
+            if t0 >= window["end"]:
                 return
             writer.write(reqs[j])
             j = (j + 1) % len(reqs)
@@ -711,43 +719,46 @@ async def run_cell(
             status, length, chunked = _parse_head(head)
             await _read_body(reader, length, chunked)
             t1 = perf()
-            if t1 >= t_meas:
+            if t_meas <= t1 <= window["end"]:
                 append((t0, t1, status))
+                window["done"] += 1
 
     async def sampler() -> None:
         await asyncio.sleep(max(0.0, t_meas - time.perf_counter()))
         (marks["srv0"], marks["loop0"]), marks["cli0"] = server.cpu_seconds(), time.process_time()
-        await asyncio.sleep(max(0.0, t_end - time.perf_counter()))
+        await asyncio.sleep(duration_s)
+        while window["done"] < conc and time.perf_counter() < t_meas + max_window_s:
+            await asyncio.sleep(0.02)
+        window["end"] = time.perf_counter()
         (marks["srv1"], marks["loop1"]), marks["cli1"] = server.cpu_seconds(), time.process_time()
 
     tasks = [asyncio.ensure_future(client(i)) for i in range(conc)]
     samp = asyncio.ensure_future(sampler())
+    await samp
     try:
-        await asyncio.wait_for(asyncio.gather(*tasks), warmup_s + duration_s + drain_limit_s)
+        await asyncio.wait_for(asyncio.gather(*tasks), drain_limit_s)
     except asyncio.TimeoutError:
         errors["client_timeout"] = sum(not t.done() for t in tasks)
-    drain = max(0.0, time.perf_counter() - t_end)
-    await samp
+    drain = max(0.0, time.perf_counter() - window["end"])
     for _, w in conns:
         w.close()
     _, after = await http_get(port, "/metrics", key)
     bs0, bc0 = metric_sums(before.decode(), "llmemb_batch_size", queue)
     bs1, bc1 = metric_sums(after.decode(), "llmemb_batch_size", queue)
-    lat, completed = [], 0
+    lat = []
     for t0, t1, status in records:
+        if t1 > window["end"]:
+            continue
         if status != 200:
             errors[str(status)] = errors.get(str(status), 0) + 1
-            continue
-        if t1 <= t_end:
-            completed += 1
-        if t0 >= t_meas:
+        else:
             lat.append(1000 * (t1 - t0))
     return CellResult(
         endpoint,
         conc,
         items_per_request,
-        duration_s,
-        completed,
+        window["end"] - t_meas,
+        len(lat),
         errors,
         lat,
         marks["srv1"] - marks["srv0"],
@@ -779,6 +790,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--embed-items", type=int, default=32, help="items per request of the embed32 cell")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds per cell, not recorded")
     p.add_argument("--duration", type=float, default=10.0, help="seconds recorded per cell")
+    p.add_argument(
+        "--max-window",
+        type=float,
+        default=180.0,
+        help="a cell's window closes after --duration once it holds one response per client, or after this",
+    )
     p.add_argument("--drain-limit", type=float, default=300.0, help="seconds a cell may take to drain")
     p.add_argument("--offline-budget", type=float, default=2.0, help="seconds per offline batch size")
     p.add_argument("--offline-recommend-batches", default="1,16,64,128")
@@ -983,7 +1000,17 @@ async def run_cells(args, server: Server, key: str, work: Workload) -> list[dict
             label = f"embed{args.embed_items}"
         for conc in concs:
             res = await run_cell(
-                server, key, label, reqs, conc, per, args.warmup, args.duration, queue, args.drain_limit
+                server,
+                key,
+                label,
+                reqs,
+                conc,
+                per,
+                args.warmup,
+                args.duration,
+                queue,
+                args.drain_limit,
+                args.max_window,
             )
             s = res.summary()
             cells.append(s)
