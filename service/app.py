@@ -18,6 +18,7 @@ from fastapi.openapi.utils import get_openapi
 from models import __version__
 from service.api import errors
 from service.api.deps import settle_heap
+from service.api.fastpath import RecommendFastPath
 from service.api.middleware import AuthMiddleware, BodyLimitMiddleware, MetricsMiddleware
 from service.api.routes import ROUTERS, TAGS
 from service.engine import Engine
@@ -122,7 +123,9 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
 
-    # Added innermost first: the body limit sees requests only after auth accepted them.
+    # Added innermost first: the body limit sees requests only after auth accepted them; the recommend fast path
+    # (valid requests only, the rest goes on to the FastAPI route) only bodies within the limit.
+    app.add_middleware(RecommendFastPath, engine=engine)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(AuthMiddleware, keys=settings.api_keys, open_paths=public)
     app.add_middleware(MetricsMiddleware, observe=metrics.observe_request)

@@ -1,16 +1,19 @@
 """The service's speed-ups change no result: recommend batches grouped by history length (``length_groups``)
-give the scores of one request at a time."""
+give the scores of one request at a time; the recommend fast path answers as the FastAPI route does."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 
 import pytest
 
 from service import engine as engine_module
+from service.api import fastpath
+from service.api.routes import recommend as recommend_route  # binds recommend_body before any patch
 from service.engine import Engine, length_groups
-from tests.service.helpers import MAX_LEN, N_ITEMS, run, settings_for
+from tests.service.helpers import API_KEY, MAX_LEN, N_ITEMS, live_server, run, settings_for
 
 
 def test_length_groups_cover_the_batch_once_in_length_runs():
@@ -50,3 +53,38 @@ def test_grouped_batch_scores_equal_single_requests(artifacts, monkeypatch):
             await engine.stop()
 
     run(go())
+
+
+def test_recommend_fast_path_answers_as_the_route(artifacts, monkeypatch):
+    """service.api.fastpath answers valid application/json recommend requests; another JSON content type goes to
+    the FastAPI route. Both give the same bodies, errors included, and the same metrics route label."""
+    answered = []
+
+    def counted(rec, k):
+        answered.append(k)
+        return fastpath.recommend_body.__wrapped__(rec, k)
+
+    counted.__wrapped__ = fastpath.recommend_body
+    monkeypatch.setattr(fastpath, "recommend_body", counted)
+    with live_server(settings_for(artifacts, api_keys=[API_KEY])) as srv, srv.client() as c:
+        cases = [
+            {"history": ["t3", "t7", "t7", "t12"], "k": 10},
+            {"history": [f"t{i}" for i in range(1, 21)], "k": 3, "exclude_seen": False},
+            {"history": ["t1", "nope", "zzz"]},  # engine error: 422 unknown_items
+            {"history": ["t1"], "k": 1001},  # engine error: 422 invalid_k
+            {"history": ["t1"], "k": 0},  # validation error: the route's 422 either way
+            {"history": "t1"},
+        ]
+        for body in cases:
+            raw = json.dumps(body)
+            fast = c.post("/v1/recommend", content=raw, headers={"Content-Type": "application/json"})
+            route = c.post("/v1/recommend", content=raw, headers={"Content-Type": "application/vnd.x+json"})
+            assert fast.status_code == route.status_code, body
+            assert fast.json() == route.json(), body
+            assert fast.headers["content-type"] == route.headers["content-type"]
+        assert c.post("/v1/recommend", json=cases[0]).status_code == 200
+        assert answered == [10, 3, 10]  # the valid requests, and only those sent as application/json
+        assert recommend_route.recommend_body is counted.__wrapped__
+        text = c.get("/metrics").text
+        assert 'llmemb_http_requests_total{method="POST",route="/v1/recommend",status="200"} 5.0' in text
+        assert 'llmemb_http_requests_total{method="POST",route="/v1/recommend",status="422"} 8.0' in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from service.api.deps import FastJSONResponse, get_engine
+from service.api.fastpath import recommend_body
 from service.api.schemas import ERRORS, RecommendRequest, RecommendResponse
 from service.engine import Engine
 
@@ -21,16 +22,6 @@ router = APIRouter(tags=["recommend"])
     "items (`truncated`); with `exclude_seen` every item of the full history is left out.",
 )
 async def recommend(body: RecommendRequest, engine: Engine = Depends(get_engine)):
+    # Valid requests are answered by service.api.fastpath before they get here; this serves the rest (and /docs).
     rec = await engine.recommend(body.history, k=body.k, exclude_seen=body.exclude_seen)
-    return FastJSONResponse(
-        {
-            "bundle_id": rec.bundle_id,
-            "items": [{"id": i, "score": s} for i, s in rec.items],
-            "k": body.k,
-            "history_length": rec.history_length,
-            "history_used": rec.history_used,
-            "truncated": rec.truncated,
-            "window": rec.window,
-            "excluded": rec.excluded,
-        }
-    )
+    return FastJSONResponse(recommend_body(rec, body.k))
