@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     allow_no_auth: bool = False
     metrics_require_auth: bool = False
     log_level: str = "info"
+    access_log: bool = Field(
+        True, description="uvicorn's line per request (at log level info): ~0.03 ms of event-loop CPU each"
+    )
 
     # --- request limits ------------------------------------------------------------------------------------
     max_body_bytes: int = Field(1 << 20, ge=1024)
