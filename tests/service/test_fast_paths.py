@@ -7,6 +7,7 @@ import asyncio
 import json
 import random
 
+import numpy as np
 import pytest
 
 from service import engine as engine_module
@@ -88,3 +89,31 @@ def test_recommend_fast_path_answers_as_the_route(artifacts, monkeypatch):
         text = c.get("/metrics").text
         assert 'llmemb_http_requests_total{method="POST",route="/v1/recommend",status="200"} 5.0' in text
         assert 'llmemb_http_requests_total{method="POST",route="/v1/recommend",status="422"} 8.0' in text
+
+
+def test_grouped_embed_batch_equals_single_items(artifacts, monkeypatch):
+    """Prompts of different lengths in one embed batch, one LLM call per length, embed as they do alone."""
+    monkeypatch.setattr(engine_module, "_EMBED_CALL_COST_CPU", 0)
+
+    async def go():
+        engine = Engine(settings_for(artifacts, embed_max_wait_ms=200.0))
+        await engine.start()
+        try:
+            items = [
+                {"title": "red kite"},
+                {"title": "small wooden train", "year": 1995, "genres": ["outdoor", "baby"]},
+                {"title": "bright dark round square soft fast slow old new ball", "genres": ["music"]},
+                {"title": "doll"},
+            ]
+            together = await asyncio.gather(*(engine.embed([a], space="llm") for a in items))
+            assert engine._state.embed_batcher.stats.max_batch_seen > 1
+            batch = await engine.embed(items, space="item")
+            for a, got, row in zip(items, together, batch.vectors):
+                alone = await engine.embed([a], space="llm")
+                np.testing.assert_allclose(got.vectors, alone.vectors, rtol=1e-5, atol=1e-5)
+                single = await engine.embed([a], space="item")
+                np.testing.assert_allclose(row, single.vectors[0], rtol=1e-5, atol=1e-5)
+        finally:
+            await engine.stop()
+
+    run(go())
