@@ -445,17 +445,21 @@ def offline_child(spec_path: Path) -> int:
 
     from models.prompts import build_prompt
     from service.engine import Engine
-    from service.settings import Settings
+    from service.settings import Settings, serve_threads
 
     spec = json.loads(spec_path.read_text())
     work = Workload(**json.loads(Path(spec["workload"]).read_text()))
-    out: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "recommend": {}, "embed": {}}
+    out: dict[str, Any] = {"recommend": {}, "embed": {}}
 
     async def main() -> None:
-        engine = Engine(Settings())
+        settings = Settings()
+        if settings.torch_threads is None:  # as `llmemb serve` does (service.cli)
+            settings = settings.model_copy(update={"torch_threads": serve_threads()})
+        engine = Engine(settings)
         t0 = time.perf_counter()
         await engine.start()
         out["load_seconds"] = round(time.perf_counter() - t0, 2)
+        out["torch_threads"] = torch.get_num_threads()
         st = engine._state  # the served state: its batch functions are what the micro-batchers call
         if st.model is not None:
             rows = [[st.id_to_row[i] for i in h] for h in work.histories]
@@ -803,7 +807,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-offline", action="store_true")
     p.add_argument("--pin", choices=["auto", "split", "none"], default="auto")
     p.add_argument(
-        "--torch-threads", type=int, default=None, help="LLMEMB_TORCH_THREADS (default: server cores)"
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="LLMEMB_TORCH_THREADS (default: llmemb serve's, the server's cores less one)",
     )
     p.add_argument(
         "--set",
@@ -815,6 +822,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.json")
     p.add_argument("--raw-out", type=Path, default=None, help="every number (default .bench/serve_last.json)")
     p.add_argument("--dry-run", action="store_true", help="write no records")
+    p.add_argument("--logs", type=Path, default=None, help="copy the server's log into this dir")
     p.add_argument("--commit", default=None, help="commit to record (default: git's, with -dirty)")
     p.add_argument("--variant-suffix", default="", help="appended to every record's variant")
     p.add_argument("--offline-child", type=Path, default=None, help=argparse.SUPPRESS)
@@ -908,7 +916,7 @@ def print_table(summary: dict) -> None:
     print(f"bundle: {summary['bundle']}")
     print(f"machine: {summary['machine']}; device {summary['device']}; pin {summary['pin']}")
     print(
-        f"server torch threads {summary['torch_threads']}; load average before/after "
+        f"server torch/faiss threads {summary['torch_threads']}; load average before/after "
         f"{summary['loadavg'][0]:.2f}/{summary['loadavg'][1]:.2f}; commit {summary['commit']}"
     )
     head = (
@@ -1032,8 +1040,9 @@ def main(argv: list[str] | None = None) -> int:
     commit = args.commit or commit_of_tree()
     raw_out = args.raw_out or ROOT / ".bench" / "serve_last.json"
     server_cores, client_cores, pin_note = cores_for(args.pin)
-    threads = args.torch_threads or (len(server_cores) if server_cores else len(os.sched_getaffinity(0)))
-    print(f"machine: {where}; pin {pin_note}; server torch threads {threads}", flush=True)
+    n_server = len(server_cores) if server_cores else len(os.sched_getaffinity(0))
+    threads = args.torch_threads or f"llmemb serve's default, {max(1, n_server - 1)}"
+    print(f"machine: {where}; pin {pin_note}; server torch/faiss threads {threads}", flush=True)
     load0 = loadavg()
 
     tmp = Path(tempfile.mkdtemp(prefix="llmemb-bench-serve-"))
@@ -1050,7 +1059,6 @@ def main(argv: list[str] | None = None) -> int:
         settings_env = {
             "LLMEMB_DEVICE": args.device,
             "LLMEMB_API_KEYS": key,
-            "LLMEMB_TORCH_THREADS": str(threads),
             "LLMEMB_LOG_LEVEL": "warning",
             "LLMEMB_ACCESS_LOG": "false",  # a log line per request costs ~0.03 ms of event-loop CPU
             # The bench registers nothing; even so, never write next to a real bundle.
@@ -1064,6 +1072,8 @@ def main(argv: list[str] | None = None) -> int:
             settings_env["LLMEMB_BUNDLE"] = str(root)
         else:
             settings_env["LLMEMB_ARTIFACTS"] = str(root)
+        if args.torch_threads:
+            settings_env["LLMEMB_TORCH_THREADS"] = str(args.torch_threads)
         for item in args.set:
             field, _, value = item.partition("=")
             settings_env[f"LLMEMB_{field.strip().upper()}"] = value
@@ -1111,6 +1121,9 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             print(server.tail(), file=sys.stderr)
             server.stop()
+        if args.logs is not None and (tmp / "server.log").is_file():
+            args.logs.mkdir(parents=True, exist_ok=True)
+            shutil.copy(tmp / "server.log", args.logs / "server.log")
         shutil.rmtree(tmp, ignore_errors=True)
 
     ratios = {}

@@ -48,6 +48,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 import torch
 from safetensors import safe_open
@@ -848,6 +849,7 @@ class Engine:
         self.reloads = 0
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
+            faiss.omp_set_num_threads(settings.torch_threads)
 
     # ----- lifecycle -----
 
