@@ -729,6 +729,8 @@ class _State:
                 observer=observer,
             )
             await self.rec_batcher.start()
+            if s.torch_threads:  # OpenMP thread counts are per calling thread: set faiss's on the worker's
+                await self.rec_batcher.run_exclusive(lambda: faiss.omp_set_num_threads(s.torch_threads))
 
     async def warmup(self) -> None:
         """One pass through every model (first-call allocations, lazy inits) + a consistency check."""
