@@ -701,36 +701,33 @@ class _State:
 
     # ----- lifecycle (event loop) -----
 
-    async def start(self, observer: batching.BatchObserver | None) -> None:
+    def _batcher(self, name: str, fn, cost, observer: batching.BatchObserver | None) -> batching.MicroBatcher:
+        """A micro-batcher configured by the settings' ``<name>_*`` batching knobs."""
         s = self.settings
+        return batching.MicroBatcher(
+            fn,
+            name=name,
+            max_batch_size=getattr(s, f"{name}_max_batch_size"),
+            max_batch_cost=getattr(s, f"{name}_max_batch_tokens"),
+            max_wait_ms=getattr(s, f"{name}_max_wait_ms"),
+            max_queue=getattr(s, f"{name}_max_queue"),
+            timeout_s=getattr(s, f"{name}_request_timeout_s"),
+            cost=cost,
+            observer=observer,
+        )
+
+    async def start(self, observer: batching.BatchObserver | None) -> None:
         if self.embedder is not None:
-            self.embed_batcher = batching.MicroBatcher(
-                self._embed_tokens,
-                name="embed",
-                max_batch_size=s.embed_max_batch_size,
-                max_batch_cost=s.embed_max_batch_tokens,
-                max_wait_ms=s.embed_max_wait_ms,
-                max_queue=s.embed_max_queue,
-                timeout_s=s.embed_request_timeout_s,
-                cost=len,
-                observer=observer,
-            )
+            self.embed_batcher = self._batcher("embed", self._embed_tokens, len, observer)
             await self.embed_batcher.start()
         if self.model is not None:
-            self.rec_batcher = batching.MicroBatcher(
-                self._recommend_batch,
-                name="recommend",
-                max_batch_size=s.recommend_max_batch_size,
-                max_batch_cost=s.recommend_max_batch_tokens,
-                max_wait_ms=s.recommend_max_wait_ms,
-                max_queue=s.recommend_max_queue,
-                timeout_s=s.recommend_request_timeout_s,
-                cost=lambda b: len(b[0]),
-                observer=observer,
+            self.rec_batcher = self._batcher(
+                "recommend", self._recommend_batch, lambda b: len(b[0]), observer
             )
             await self.rec_batcher.start()
-            if s.torch_threads:  # OpenMP thread counts are per calling thread: set faiss's on the worker's
-                await self.rec_batcher.run_exclusive(lambda: faiss.omp_set_num_threads(s.torch_threads))
+            threads = self.settings.torch_threads
+            if threads:  # OpenMP thread counts are per calling thread: set faiss's on the worker's
+                await self.rec_batcher.run_exclusive(lambda: faiss.omp_set_num_threads(threads))
 
     async def warmup(self) -> None:
         """One pass through every model (first-call allocations, lazy inits) + a consistency check."""
