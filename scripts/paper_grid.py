@@ -99,6 +99,25 @@ def build_jobs(args: argparse.Namespace) -> list[Job]:
             argv += common + list(extra)
             deps = [f"tables-{d}"] + ([f"id-{d}-s{seed}"] if aligned else [])
             jobs.append(Job(name, argv, "**/metrics.json", deps))
+            return name
+
+        def fuse(rat_job: str, label: str, seed: int, b_job: str | None = None, d=d, ds=ds):
+            """Score fusion of a finished run with the ID-SASRec of the same seed (scripts/fusion_eval.py)."""
+            b_job = b_job or f"id-{d}-s{seed}"
+            name = f"fuse-{rat_job}" if b_job == f"id-{d}-s{seed}" else f"fuse-{rat_job}-{b_job}"
+            argv = [
+                sys.executable,
+                str(ROOT / "scripts" / "fusion_eval.py"),
+                "--dataset",
+                ds,
+                "--seed",
+                str(seed),
+            ]
+            argv += ["--a", str(work / rat_job), "--b", str(work / b_job), "--label", label]
+            argv += ["--out", str(work / name / "metrics.json")]
+            if rat_job.startswith("id-"):
+                argv += ["--llm", ""]
+            jobs.append(Job(name, argv, "metrics.json", [rat_job, b_job]))
 
         for seed in args.seeds:
             # Slow ones first (Bert4Rec / GRU4Rec on big catalogs), so they get the most of a sitting.
@@ -110,6 +129,29 @@ def build_jobs(args: argparse.Namespace) -> list[Job]:
             rat("sasrec", "LLMEmb w/o SCFT", seed, raw)
             for m in ("LLMEmb w/o adapter", "LLMEmb w/o freeze", "LLMEmb w/o align"):
                 rat("sasrec", m, seed, tuned)
+            if args.variants:
+                # Beyond the paper: a residual that must not carry the item alone, a stronger pull, and score
+                # fusion of the LLM-side runs with the ID-SASRec they were aligned to (plus ID + ID, the control
+                # for "two models beat one").
+                rdrop = rat(
+                    "sasrec",
+                    "LLMEmb+ID",
+                    seed,
+                    tuned,
+                    label="LLMEmb+ID rdrop0.5",
+                    extra=("--residual-dropout", "0.5"),
+                )
+                rat("sasrec", "LLMEmb", seed, tuned, label="LLMEmb alpha=0.1", extra=("--alpha", "0.1"))
+                for lab in ("LLMEmb", "LLM2X", "LLMEmb w/o align", "LLMEmb+ID"):
+                    fuse(
+                        f"{d}-sasrec-{lab}-s{seed}".replace(" ", "_").replace("/", ""),
+                        f"{lab} + ID-SASRec",
+                        seed,
+                    )
+                fuse(rdrop, "LLMEmb+ID rdrop0.5 + ID-SASRec", seed)
+                nxt = args.seeds[(args.seeds.index(seed) + 1) % len(args.seeds)]
+                if nxt != seed:
+                    fuse(f"id-{d}-s{seed}", "ID-SASRec + ID-SASRec", seed, b_job=f"id-{d}-s{nxt}")
         for seed in args.sweep_seeds:
             for g in args.gamma_sweep:
                 rat("sasrec", "LLMEmb", seed, tuned, label=f"LLMEmb gamma={g:g}", extra=("--gamma", str(g)))
@@ -141,6 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--scft-batch", type=int, default=128)
     p.add_argument("--parallel", type=int, default=16, help="jobs at once")
+    p.add_argument(
+        "--gpus", type=int, default=1, help="spread jobs over this many GPUs (CUDA_VISIBLE_DEVICES)"
+    )
+    p.add_argument(
+        "--variants",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the variants beyond the paper",
+    )
     p.add_argument("--deadline", type=float, default=None, help="stop launching after this many seconds")
     p.add_argument("--grace", type=float, default=40.0, help="kill running jobs this long after the deadline")
     p.add_argument(
@@ -173,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     finished = {j.name for j in jobs if done(j, args.work)}
     failed: set[str] = set()
     running: list[Job] = []
+    launched = 0
     for j in list(pending):  # jobs still running from an earlier sitting
         pid_file = args.work / "jobs" / j.name / "pid"
         if pid_file.is_file():
@@ -210,11 +262,12 @@ def main(argv: list[str] | None = None) -> int:
                 pending.remove(j)
                 (args.work / "jobs" / j.name).mkdir(parents=True, exist_ok=True)
                 log = open(logs / f"{j.name}.log", "w")  # noqa: SIM115 (closed with the process)
+                launched += 1
                 j.proc = subprocess.Popen(
                     j.argv,
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    env=env,
+                    env=env if args.gpus <= 1 else dict(env, CUDA_VISIBLE_DEVICES=str(launched % args.gpus)),
                     cwd=ROOT,
                     start_new_session=args.detach,
                 )
