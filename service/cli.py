@@ -10,8 +10,10 @@ import argparse
 import json
 import shlex
 import sys
+from typing import TYPE_CHECKING
 
-from service.settings import Settings, SettingsError, serve_threads
+if TYPE_CHECKING:  # the training commands share this parser and must not need the service's dependencies
+    from service.settings import Settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -78,6 +80,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from service.app import create_app
     from service.engine import Engine, EngineLoadError
+    from service.settings import Settings, SettingsError, serve_threads
 
     overrides = {
         k: v

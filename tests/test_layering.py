@@ -42,3 +42,25 @@ def test_checker_sees_forbidden_imports(tmp_path: Path) -> None:
     f = tmp_path / "x.py"
     f.write_text("import training.srs\nfrom service.app import create_app\nfrom . import sibling\n")
     assert imported_top_level(f) == {"training", "service"}
+
+
+def test_training_commands_need_no_service_dependencies() -> None:
+    """`llmemb train ...` runs where only the training stack is installed (e.g. a bare GPU box)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import builtins\n"
+        "real = builtins.__import__\n"
+        "def guarded(name, *a, **k):\n"
+        "    if name.split('.')[0] in ('pydantic', 'pydantic_settings', 'fastapi', 'uvicorn', 'faiss'):\n"
+        "        raise ModuleNotFoundError(name)\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = guarded\n"
+        "from llmemb.cli import build_parser\n"
+        "args = build_parser().parse_args(['train', 'rat', '--method', 'LLMEmb'])\n"
+        "print(args.method)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "LLMEmb"
