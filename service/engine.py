@@ -25,10 +25,18 @@ Catalog. Rows 1..n_items are the bundle's; registered items continue the numberi
 (``service.overlay``), replayed at start. The SRS backbone's item encoder reads the same growing table, so a
 registered item can appear in a history at once. Bundle items are immutable (re-export to change them).
 
+Recommend path. The backbone, the item table it reads and the faiss index (``service.recommender``) run either in
+a worker process of their own (``service.worker``) or on the recommend micro-batcher's thread in this process:
+``LLMEMB_RECOMMEND_WORKER`` (``Settings.recommend_worker_mode``; default: the process with 2+ cores or on CUDA).
+Either way the engine keeps the catalog (ids, attributes, registered vectors) and the micro-batcher, and sends
+the recommend path one batch at a time. A worker process that dies is restarted from the catalog (recommend
+answers 503 ``recommend_worker_unavailable`` meanwhile, and so does /ready).
+
 Concurrency. Embedding and recommendation each have a micro-batcher with its own worker thread. Catalog updates
-(index, item table, backbone) run on the recommend worker between batches, so a forward pass never sees a half-
-applied registration. A reload loads the new bundle beside the old one, swaps it in, and retires the old one only
-once its last in-flight request has finished.
+(index, item table, backbone) go through the recommend micro-batcher between batches, and a registration returns
+only once they are applied, so a forward pass never sees a half-applied registration and a registered item is
+recommendable when its registration returns. A reload loads the new bundle (and starts its recommend worker)
+beside the old one, swaps it in, and retires the old one only once its last in-flight request has finished.
 """
 
 from __future__ import annotations
@@ -38,7 +46,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import shutil
 import tempfile
 import time
@@ -48,29 +55,37 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import torch
 from safetensors import safe_open
-from torch.nn import functional as F
 
 from models.bundle import BUNDLES_DIR, Bundle, BundleError, current_bundle_id, load_bundle
 from models.io import TABLE_KEY
 from models.llm import SHIPPED_SOURCES, LLMConfig, LLMEmbedder, load_lora, merge_lora
 from models.prompts import PromptConfig, build_prompt
-from models.srs import SRSConfig, build_backbone
-from models.srs.base import ItemEncoder
+from models.srs import SRSConfig
 from service import batching
+from service.batching import length_groups
 from service.errors import Conflict, InvalidInput, NotFound, NotReady, Overloaded, RequestTimeout
-from service.index import IndexConfig, ItemIndex, recall_at_k
+from service.index import IndexConfig
 from service.overlay import Overlay, OverlayChanged, OverlayRecord
+from service.recommender import (
+    Recommender,
+    RecommenderLoadError,
+    RecommenderSpec,
+    apply_threads,
+    history_window,
+)
 from service.settings import Settings
 from service.tables import FORMATS, write_table
+from service.worker import RecommendWorker, WorkerCallError, WorkerUnavailable
 
 log = logging.getLogger(__name__)
 
 SPACES = ("llm", "pca", "item")
 _ID_KEY = "item_encoder."
+# The error code (503) while the recommend worker process is down.
+WORKER_UNAVAILABLE = "recommend_worker_unavailable"
 
 
 class EngineLoadError(RuntimeError):
@@ -174,103 +189,12 @@ def _filtered(cls, raw: Mapping[str, Any], drop: Sequence[str] = ()) -> dict[str
     return {k: v for k, v in raw.items() if k in names and k not in drop}
 
 
-# One backbone call's fixed cost in history positions (padding included): what a separate call for a group of
-# histories must save in padding to pay for itself. CPU: ~0.5 ms a call, ~7 us a position (SASRec, hidden 128, 2
-# blocks). CUDA: the positions are nearly free and every call is a round of kernel launches, so one call.
-_GROUP_CALL_COST_CPU = 64
-_GROUP_CALL_COST_CUDA = 1 << 20
-# The same for the LLM, in prompt tokens: on CPU a token costs ~4 ms (SmolLM2-135M) and a call's overhead about
-# one token, so a batch padded to its longest prompt (Beauty: mean 31 tokens, up to 64) wasted up to half its time.
+# One LLM call's fixed cost in prompt tokens, for grouping an embed batch by prompt length (batching.length_groups;
+# the backbone's counterpart is in service.recommender): on CPU a token costs ~4 ms (SmolLM2-135M) and a call's
+# overhead about one token, so a batch padded to its longest prompt (Beauty: mean 31 tokens, up to 64) wasted up
+# to half its time. CUDA: tokens are nearly free and every call is a round of kernel launches, so one call.
 _EMBED_CALL_COST_CPU = 4
 _EMBED_CALL_COST_CUDA = 1 << 20
-
-
-def length_groups(lengths: Sequence[int], call_cost: int) -> list[list[int]]:
-    """Indices of a batch grouped by length (recommend: history ids; embed: prompt tokens), one model call per
-    group.
-
-    A batch padded to its longest history spends most of its time on padding: Beauty histories have a median of 6
-    ids, and a batch of 64 usually holds one of 50+. Groups are runs of the batch sorted by length, chosen to
-    minimise sum(group size x its longest history + call_cost) (dynamic programming over the distinct lengths).
-    The backbones' positions are right-aligned, so a user's state does not depend on its group's width.
-    """
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    values: list[int] = []
-    ends: list[int] = []  # ends[j]: number of sorted indices with length <= values[j]
-    for n, i in enumerate(order):
-        if values and lengths[i] == values[-1]:
-            ends[-1] = n + 1
-        else:
-            values.append(lengths[i])
-            ends.append(n + 1)
-    m = len(values)
-    best = [0.0] + [math.inf] * m
-    cut = [0] * (m + 1)
-    for j in range(1, m + 1):
-        width = values[j - 1]
-        for i in range(j):
-            cost = best[i] + (ends[j - 1] - (ends[i - 1] if i else 0)) * width + call_cost
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    groups = []
-    j = m
-    while j > 0:
-        i = cut[j]
-        groups.append(order[(ends[i - 1] if i else 0) : ends[j - 1]])
-        j = i
-    return groups[::-1]
-
-
-def _pad_rows(seqs: Sequence[Sequence[int]]) -> torch.Tensor:
-    """``models.srs.pad_left`` for histories already cut to the window, filled in numpy: one tensor for the
-    batch instead of one per history (pad_left's per-row tensors cost ~7 us each on the worker thread)."""
-    width = max(len(s) for s in seqs)
-    out = np.zeros((len(seqs), width), dtype=np.int64)
-    for i, s in enumerate(seqs):
-        out[i, width - len(s) :] = s
-    return torch.from_numpy(out)
-
-
-class CatalogEncoder(ItemEncoder):
-    """The served backbone's item encoder: a view of the engine's growing item table (bundle + registered rows).
-    Not a parameter or buffer, so it is not part of the backbone's state dict and is never copied."""
-
-    def __init__(self, table: torch.Tensor) -> None:
-        super().__init__()
-        self.n_items, self.dim = table.shape[0] - 1, table.shape[1]
-        self.weight = table
-
-    def table(self) -> torch.Tensor:
-        return self.weight
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight)
-
-
-class _Rows:
-    """A growable float32 matrix (capacity doubling); ``view()`` is rows [0, n)."""
-
-    def __init__(self, initial: torch.Tensor, device: torch.device, spare: int = 256) -> None:
-        self.n, self.dim = initial.shape
-        self.data = torch.zeros(self.n + spare, self.dim, dtype=torch.float32, device=device)
-        self.data[: self.n] = initial.to(device=device, dtype=torch.float32)
-
-    def view(self) -> torch.Tensor:
-        return self.data[: self.n]
-
-    def set(self, rows: Sequence[int], vectors: torch.Tensor) -> bool:
-        """Write rows (existing ones overwritten, new ones appended in order). True if the storage moved."""
-        moved = False
-        top = max(rows) + 1
-        if top > self.data.shape[0]:
-            grown = torch.zeros(
-                max(top, int(self.data.shape[0] * 1.5) + 256), self.dim, device=self.data.device
-            )
-            grown[: self.n] = self.data[: self.n]
-            self.data, moved = grown, True
-        self.data[torch.as_tensor(list(rows), device=self.data.device)] = vectors.to(self.data)
-        self.n = max(self.n, top)
-        return moved
 
 
 # --- one loaded bundle --------------------------------------------------------------------------------------
@@ -294,7 +218,8 @@ class _State:
         self.embed_batcher: batching.MicroBatcher | None = None
         self.rec_batcher: batching.MicroBatcher | None = None
         self.consistency: dict[str, Any] = {}
-        self.index_recall: float | None = None
+        self.recommender: Recommender | RecommendWorker | None = None  # the recommend path, once started
+        self._item_table: np.ndarray | None = None
         self._cache_dir: Path | None = None
         self._table_cache: dict[tuple[str, str], list[TableFile]] = {}
         self._table_locks: dict[tuple[str, str], asyncio.Lock] = {}
@@ -316,16 +241,14 @@ class _State:
         st._load_item_table()
         st._load_backbone()
         st._load_overlay()
-        st._build_index()
         st.load_seconds = time.perf_counter() - start
         log.info(
-            "loaded bundle %s: %d items (+%d registered), spaces %s, backbone %s, index %s, %.1f s",
+            "loaded bundle %s: %d items (+%d registered), spaces %s, backbone %s, %.1f s",
             st.bundle_id,
             st.n_bundle,
             st.n_registered,
             st.spaces,
             st.backbone_name,
-            st.index.describe() if st.index else None,
             st.load_seconds,
         )
         return st
@@ -442,39 +365,45 @@ class _State:
                     f"table {name!r} has dim {info.dim}, but the {name} space has {self.spaces[name]}"
                 )
 
-    def _load_item_table(self) -> None:
-        self.item_rows: _Rows | None = None
-        table = None
+    def _bundle_item_table(self) -> np.ndarray | None:
+        """The bundle's item rows 0..n_items (row 0 zeros) as float32: ``tables/item``, else the ID table of the
+        SRS state; None if it has neither. Read from the bundle's files on every call (a restarted recommend
+        worker is built from it): the recommend path keeps the only long-lived copy."""
         if "item" in self.manifest.tables:
-            table = self.rows(
-                "item", 0, self.n_bundle + 1
-            )  # read, not cached in the Bundle: we keep our copy
+            table = self.rows("item", 0, self.n_bundle + 1)
         elif self.bundle.srs_state is not None and f"{_ID_KEY}weight" in self.bundle.srs_state:
             table = self.bundle.srs_state[f"{_ID_KEY}weight"]
-        if table is not None:
-            table = table.detach().float().clone()
-            table[0] = 0
-            self.item_rows = _Rows(table, self.device)
-            self.item_dim = table.shape[1]
-            if self.adapter is not None and "pca" in self.manifest.tables:
-                # Is the item table adapter(pca)? If not, it carries a trained ID residual (models.residual).
-                with torch.no_grad():
-                    n = min(self.n_bundle, 256)
-                    pca_rows = self.rows("pca", 1, n + 1).to(self.device)
-                    rows = self.item_rows.view()[1 : n + 1]
-                    diff = (self.adapter(pca_rows) - rows).abs().max().item()
-                    scale = rows.abs().max().item() or 1.0
-                self.consistency["item_vs_adapter_max_abs_diff"] = round(diff, 6)
-                plain = diff <= 1e-4 * scale  # float noise; a trained residual is far larger
-                self.item_space = "adapter(pca(llm(prompt)))" + ("" if plain else " + ID residual")
+        else:
+            return None
+        out = table.detach().float().cpu().numpy().copy()
+        out[0] = 0
+        return out
+
+    def _load_item_table(self) -> None:
+        self._item_table = self._bundle_item_table()  # until the recommend path is built from it (start)
+        if self._item_table is None:
+            return
+        self.item_dim = self._item_table.shape[1]
+        if self.adapter is not None and "pca" in self.manifest.tables:
+            # Is the item table adapter(pca)? If not, it carries a trained ID residual (models.residual).
+            with torch.no_grad():
+                n = min(self.n_bundle, 256)
+                pca_rows = self.rows("pca", 1, n + 1).to(self.device)
+                rows = torch.from_numpy(self._item_table[1 : n + 1]).to(self.device)
+                diff = (self.adapter(pca_rows) - rows).abs().max().item()
+                scale = rows.abs().max().item() or 1.0
+            self.consistency["item_vs_adapter_max_abs_diff"] = round(diff, 6)
+            plain = diff <= 1e-4 * scale  # float noise; a trained residual is far larger
+            self.item_space = "adapter(pca(llm(prompt)))" + ("" if plain else " + ID residual")
 
     def _load_backbone(self) -> None:
+        """The backbone's config and weights, checked against the item table. The model itself is built with
+        the rest of the recommend path when the state starts (in this process or the recommend worker's)."""
         self.backbone_name = self.bundle.srs_backbone
-        self.model = None
         self.window = 0
         if self.backbone_name is None:
             return
-        if self.item_rows is None:
+        if self._item_table is None:
             raise EngineLoadError(
                 f"bundle {self.bundle_id} has an SRS backbone but no 'item' table: export it with the cached table"
             )
@@ -488,7 +417,7 @@ class _State:
         state = self.bundle.srs_state
         stored = state.get(f"{_ID_KEY}weight")
         if stored is not None and stored.shape == (self.n_bundle + 1, self.item_dim):
-            diff = (stored.float().to(self.device)[1:] - self.item_rows.view()[1:]).abs().max().item()
+            diff = (stored.float()[1:] - torch.from_numpy(self._item_table[1:])).abs().max().item()
             self.consistency["srs_encoder_vs_item_table_max_abs_diff"] = round(diff, 6)
             if diff > 1e-4:
                 log.warning(
@@ -496,21 +425,8 @@ class _State:
                     self.bundle_id,
                     diff,
                 )
-        self.srs_body = {k: v for k, v in state.items() if not k.startswith(_ID_KEY)}
-        self.window = (
-            self.srs_config.max_len - 1 if self.backbone_name == "bert4rec" else self.srs_config.max_len
-        )
-        try:
-            self.model = self._build_model()
-        except (RuntimeError, ValueError) as e:
-            raise EngineLoadError(f"srs/{self.backbone_name}.safetensors does not fit its config: {e}") from e
-
-    def _build_model(self) -> torch.nn.Module:
-        view = self.item_rows.view()
-        cfg = dataclasses.replace(self.srs_config, n_items=view.shape[0] - 1)
-        model = build_backbone(self.backbone_name, cfg, CatalogEncoder(view))
-        model.load_state_dict(self.srs_body, strict=True)
-        return model.to(self.device).eval().requires_grad_(False)
+        self.srs_body = {k: v.detach().cpu() for k, v in state.items() if not k.startswith(_ID_KEY)}
+        self.window = history_window(self.backbone_name, self.srs_config)
 
     def _load_overlay(self) -> None:
         # Registered items keep a vector per space the bundle has a table for (and the item space the index uses).
@@ -549,19 +465,10 @@ class _State:
             self._apply_catalog([r], {s: cached[r.seq][s][None, :] for s in self.live_tables})
             self.id_to_row[r.id] = r.row
         self.next_seq = max((r.seq for r in records), default=0) + 1
-        if records:
-            self._apply_rows(
-                [r.row for r in records],
-                {s: np.stack([cached[r.seq][s] for r in records]) for s in self.live_tables},
-                build=False,
-            )
 
-    def _build_index(self) -> None:
-        self.index: ItemIndex | None = None
-        if self.model is None:
-            return
+    def _index_config(self) -> IndexConfig:
         s = self.settings
-        cfg = IndexConfig(
+        return IndexConfig(
             kind=s.index_kind,
             approx_threshold=s.index_approx_threshold,
             approx_kind=s.index_approx_kind,
@@ -569,12 +476,24 @@ class _State:
             hnsw_m=s.index_hnsw_m,
             hnsw_ef_search=s.index_hnsw_ef_search,
         )
-        self.index = ItemIndex(self.item_rows.view().cpu().numpy(), cfg)
-        if not self.index.exact:  # measure what approximation costs on this catalog
-            rng = np.random.default_rng(0)
-            picks = rng.integers(1, self.index.n_rows, size=min(200, self.index.size))
-            self.index_recall = recall_at_k(self.index, self.index.vectors()[picks], 10)
-            log.info("%s index recall@10 vs exact: %.4f", self.index.kind, self.index_recall)
+
+    def recommender_spec(self) -> RecommenderSpec:
+        """What the recommend path is built from, for the catalog as it is now: the bundle's item rows and the
+        registered items' ``item`` vectors (rows n_items+1...), the backbone, the index settings."""
+        table = self._item_table if self._item_table is not None else self._bundle_item_table()
+        registered = self.reg_vectors.get("item")
+        if registered is not None and len(registered):
+            table = np.concatenate([table, registered])
+        return RecommenderSpec(
+            bundle_id=self.bundle_id,
+            backbone=self.backbone_name,
+            srs_config=self.srs_config,
+            srs_body=self.srs_body,
+            table=table,
+            index=self._index_config(),
+            device=str(self.device),
+            threads=self.settings.torch_threads,
+        )
 
     # ----- capabilities -----
 
@@ -589,7 +508,7 @@ class _State:
     @property
     def can_register(self) -> bool:
         # Every table the catalog serves must be computable for a new item, and the index needs the item space.
-        needs = set(self.live_tables) | ({"item"} if self.model is not None else set())
+        needs = set(self.live_tables) | ({"item"} if self.backbone_name is not None else set())
         return (
             self.embedder is not None
             and needs <= set(self.spaces)
@@ -609,12 +528,19 @@ class _State:
                 details={"available": list(self.spaces)},
             )
 
-    def require_recommend(self) -> None:
-        if self.model is None:
+    def require_recommend(self) -> Recommender | RecommendWorker:
+        """The running recommend path; Conflict (409) for a bundle without one, NotReady (503) while the
+        recommend worker process is down."""
+        rec = self.recommender
+        if rec is None:
             raise Conflict(
                 f"bundle {self.bundle_id} has no SRS backbone: recommendation is not available",
                 code="recommend_unavailable",
             )
+        if not rec.available:
+            reason = rec.unavailable_reason or "the recommend worker is not running"
+            raise NotReady(reason, code=WORKER_UNAVAILABLE)
+        return rec
 
     # ----- batch functions (worker threads) -----
 
@@ -646,23 +572,6 @@ class _State:
             rows.extend(self._embed_tokens(ids[i : i + size]))
         return {s: np.stack([r[s] for r in rows]) for s in self.spaces}
 
-    @torch.inference_mode()
-    def _recommend_batch(self, batch: list[tuple[tuple[int, ...], int, frozenset[int]]]):
-        seqs = [b[0] for b in batch]
-        call_cost = _GROUP_CALL_COST_CUDA if self.device.type == "cuda" else _GROUP_CALL_COST_CPU
-        groups = length_groups([len(s) for s in seqs], call_cost)
-        if len(groups) == 1:
-            users = self.model(_pad_rows(seqs).to(self.device)).float().cpu().numpy()
-        else:
-            users = None
-            for idx in groups:
-                out = self.model(_pad_rows([seqs[i] for i in idx]).to(self.device))
-                out = out.float().cpu().numpy()
-                if users is None:
-                    users = np.empty((len(seqs), out.shape[1]), dtype=np.float32)
-                users[idx] = out
-        return self.index.search(users, [b[1] for b in batch], [b[2] for b in batch])
-
     # ----- catalog updates -----
 
     def _apply_catalog(self, records: list[OverlayRecord], vectors: Mapping[str, np.ndarray]) -> None:
@@ -681,27 +590,11 @@ class _State:
             self.registered_at[r.row] = r.registered
         self.version += 1  # tables and id maps now include these rows
 
-    def _apply_rows(self, rows: list[int], vectors: Mapping[str, np.ndarray], build: bool = True) -> None:
-        """Item table, backbone and index (recommend worker thread, between batches)."""
-        if self.item_rows is None or "item" not in vectors:
-            return
-        last: dict[int, int] = {
-            r: i for i, r in enumerate(rows)
-        }  # an upsert replayed twice: the last one wins
-        rows = list(last)
-        item = vectors["item"][[last[r] for r in rows]]
-        grew = max(rows) >= self.item_rows.n
-        self.item_rows.set(rows, torch.from_numpy(np.ascontiguousarray(item)))
-        if self.model is not None and grew:
-            self.model = self._build_model()
-        elif self.model is not None:
-            self.model.item_encoder.weight = self.item_rows.view()
-        if build and self.index is not None:
-            self.index.upsert(rows, item)
-
     # ----- lifecycle (event loop) -----
 
-    def _batcher(self, name: str, fn, cost, observer: batching.BatchObserver | None) -> batching.MicroBatcher:
+    def _batcher(
+        self, name: str, fn, cost, observer: batching.BatchObserver | None, expected_errors=()
+    ) -> batching.MicroBatcher:
         """A micro-batcher configured by the settings' ``<name>_*`` batching knobs."""
         s = self.settings
         return batching.MicroBatcher(
@@ -714,20 +607,59 @@ class _State:
             timeout_s=getattr(s, f"{name}_request_timeout_s"),
             cost=cost,
             observer=observer,
+            expected_errors=expected_errors,
         )
 
     async def start(self, observer: batching.BatchObserver | None) -> None:
         if self.embedder is not None:
             self.embed_batcher = self._batcher("embed", self._embed_tokens, len, observer)
             await self.embed_batcher.start()
-        if self.model is not None:
-            self.rec_batcher = self._batcher(
-                "recommend", self._recommend_batch, lambda b: len(b[0]), observer
+        if self.backbone_name is not None:
+            await self._start_recommender(observer)
+
+    async def _start_recommender(self, observer: batching.BatchObserver | None) -> None:
+        """Build the recommend path (backbone + item table + index) where the settings say (in this process or a
+        worker process of its own) and the micro-batcher that feeds it."""
+        start = time.perf_counter()
+        s = self.settings
+        mode = s.recommend_worker_mode(cuda=self.device.type == "cuda")
+        spec = await asyncio.to_thread(self.recommender_spec)
+        self._item_table = None  # the recommend path has its own copy from here on
+        try:
+            if mode == "process":
+                self.recommender = RecommendWorker(
+                    spec_source=self.recommender_spec,
+                    lock=self.register_lock,
+                    batch_timeout_s=s.recommend_request_timeout_s,
+                    log_level=s.log_level,
+                )
+                await self.recommender.start(spec)
+            else:
+                self.recommender = await asyncio.to_thread(Recommender, spec)
+        except (RecommenderLoadError, WorkerCallError, WorkerUnavailable) as e:
+            raise EngineLoadError(f"bundle {self.bundle_id}: {e}") from e
+        window = self.window
+        self.rec_batcher = self._batcher(
+            "recommend",
+            self.recommender.serve_batch,
+            lambda r: min(len(r[0]), window),
+            observer,
+            expected_errors=(WorkerUnavailable,),
+        )
+        await self.rec_batcher.start()
+        if mode == "thread":  # OpenMP thread counts are per calling thread: set them on the batcher's
+            threads = s.torch_threads
+            self.recommender.thread_counts = await self.rec_batcher.run_exclusive(
+                lambda: apply_threads(threads)
             )
-            await self.rec_batcher.start()
-            threads = self.settings.torch_threads
-            if threads:  # OpenMP thread counts are per calling thread: set faiss's on the worker's
-                await self.rec_batcher.run_exclusive(lambda: faiss.omp_set_num_threads(threads))
+        self.load_seconds += time.perf_counter() - start
+        log.info(
+            "bundle %s recommends in %s (%s), index %s",
+            self.bundle_id,
+            "a worker process" if mode == "process" else "a thread of the server process",
+            self.recommender.status(),
+            self.recommender.index_info(),
+        )
 
     async def warmup(self) -> None:
         """One pass through every model (first-call allocations, lazy inits) + a consistency check."""
@@ -751,7 +683,7 @@ class _State:
                         cos.min(),
                     )
         if self.rec_batcher is not None:
-            await self.rec_batcher.submit(((1,), 1, frozenset()))
+            await self.rec_batcher.submit(([1], 1, False))
 
     async def close(self, grace_s: float) -> None:
         """Wait (up to grace_s) for in-flight requests, then stop the batchers (draining them) and clean up."""
@@ -762,6 +694,8 @@ class _State:
         for b in (self.embed_batcher, self.rec_batcher):
             if b is not None:
                 await b.stop(drain=True)
+        if self.recommender is not None:
+            await self.recommender.close()
         if self._cache_dir is not None:
             shutil.rmtree(self._cache_dir, ignore_errors=True)
 
@@ -846,9 +780,7 @@ class Engine:
         self.load_error: str | None = None
         self.loading = False
         self.reloads = 0
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
-            faiss.omp_set_num_threads(settings.torch_threads)
+        apply_threads(settings.torch_threads)  # this process's torch pool, faiss on the event loop's thread
 
     # ----- lifecycle -----
 
@@ -975,6 +907,8 @@ class Engine:
             raise RequestTimeout(str(e), details={"queue": e.name}) from None
         except batching.BatcherClosed as e:
             raise NotReady(str(e)) from None
+        except WorkerUnavailable as e:
+            raise NotReady(str(e), code=WORKER_UNAVAILABLE) from None
 
     # ----- validation -----
 
@@ -1178,8 +1112,14 @@ class Engine:
             st.next_seq += len(records)
             st._apply_catalog(records, vectors)
             rows = [r.row for r in records]
-            if st.rec_batcher is not None:
-                await st.rec_batcher.run_exclusive(lambda: st._apply_rows(rows, vectors))
+            rec = st.recommender
+            if rec is not None and "item" in vectors:
+                try:
+                    await st.rec_batcher.run_exclusive(lambda: rec.apply_rows(rows, vectors["item"]))
+                except WorkerUnavailable as e:
+                    # The worker process is gone. Its replacement is built from the catalog, these rows
+                    # included, once this call releases the register lock; recommend answers 503 until then.
+                    log.warning("registered %d item(s) while the recommend worker was down: %s", len(rows), e)
             for r in records:  # only now can requests name the new ids
                 st.id_to_row[r.id] = r.row
         return RegisterResult(outcomes, st.n_items, st.bundle_id)
@@ -1224,13 +1164,19 @@ class Engine:
                     code="unknown_items",
                     details={"unknown_ids": uniq},
                 )
-            used = rows[-st.window :]
-            excluded = frozenset(rows) if exclude_seen else frozenset()
-            res = await self._submit(st.rec_batcher, (tuple(used), k, excluded))
+            # The recommend path cuts the history to the window and builds the exclusion set (off this loop when
+            # it runs in the worker process).
+            found, scores, excluded = await self._submit(st.rec_batcher, (rows, k, exclude_seen))
             ids = st.ids
-            items = [(ids[r], float(sc)) for r, sc in zip(res.rows.tolist(), res.scores.tolist())]
+            used = min(len(rows), st.window)
             return Recommendation(
-                items, st.bundle_id, len(rows), len(used), len(used) < len(rows), st.window, len(excluded)
+                [(ids[r], sc) for r, sc in zip(found, scores)],
+                st.bundle_id,
+                len(rows),
+                used,
+                used < len(rows),
+                st.window,
+                excluded,
             )
 
     def tables(self) -> list[dict[str, Any]]:
@@ -1304,7 +1250,7 @@ class Engine:
             raise NotReady("no bundle is loaded")
         m = st.manifest
         srs = None
-        if st.model is not None:
+        if st.backbone_name is not None:
             srs = {
                 "backbone": st.backbone_name,
                 **dataclasses.asdict(st.srs_config),
@@ -1331,10 +1277,11 @@ class Engine:
             "capabilities": {
                 "embed": st.embedder is not None,
                 "register": st.can_register,
-                "recommend": st.model is not None,
+                "recommend": st.backbone_name is not None,
             },
             "srs": srs,
-            "index": {**st.index.describe(), "recall_at_10": st.index_recall} if st.index else None,
+            "index": st.recommender.index_info() if st.recommender else None,
+            "recommend_worker": st.recommender.status() if st.recommender else None,
             "device": str(st.device),
             "configs": {k: v for k, v in m.configs.items() if k in ("pca", "adapter", "lora", "training")},
             "dataset": m.dataset,
@@ -1345,18 +1292,28 @@ class Engine:
             "reloads": self.reloads,
         }
 
+    def unavailable_reason(self) -> str | None:
+        """Why the loaded bundle cannot serve everything it offers right now (its recommend worker process is
+        being restarted), else None. /ready answers 503 with it."""
+        st = self._state
+        rec = st.recommender if st is not None else None
+        return rec.unavailable_reason if rec is not None else None
+
     def stats(self) -> dict[str, Any]:
-        """Numbers for /metrics: queue depths, catalog size."""
+        """Numbers for /metrics: readiness, queue depths, catalog size, index, recommend worker."""
         st = self._state
         out: dict[str, Any] = {"ready": st is not None, "queues": {}, "bundle_id": None}
         if st is None:
             return out
+        out["ready"] = self.unavailable_reason() is None
         out.update(bundle_id=st.bundle_id, bundle_items=st.n_bundle, registered_items=st.n_registered)
         for b in (st.embed_batcher, st.rec_batcher):
             if b is not None:
                 out["queues"][b.name] = {"depth": b.queue_depth, "in_flight": b.in_flight}
-        if st.index is not None:
-            out["index"] = {"kind": st.index.kind, "recall_at_10": st.index_recall}
+        if st.recommender is not None:
+            index = st.recommender.index_info()
+            out["index"] = {"kind": index.get("kind"), "recall_at_10": index.get("recall_at_10")}
+            out["recommend_worker"] = st.recommender.status()
         return out
 
 

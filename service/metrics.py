@@ -9,6 +9,8 @@ llmemb_queue_timeouts_total{queue}                     requests that hit the per
 llmemb_queue_depth{queue} / llmemb_queue_in_flight{queue}   gauges at scrape time (autoscaling signal)
 llmemb_catalog_items{source="bundle"|"registered"}     gauge
 llmemb_ready, llmemb_bundle_info{bundle_id}, llmemb_index_recall_at_10{kind}
+llmemb_recommend_worker_up{mode="thread"|"process"}   gauge: 0 while the recommend worker process is down
+llmemb_recommend_worker_restarts_total                 worker processes restarted after dying
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -32,7 +34,7 @@ class _EngineCollector:
 
     def collect(self):
         s = self.stats()
-        ready = GaugeMetricFamily("llmemb_ready", "1 once a bundle is loaded and warmed up")
+        ready = GaugeMetricFamily("llmemb_ready", "1 while /ready answers 200")
         ready.add_metric([], 1.0 if s.get("ready") else 0.0)
         yield ready
         depth = GaugeMetricFamily(
@@ -54,6 +56,20 @@ class _EngineCollector:
             info = GaugeMetricFamily("llmemb_bundle_info", "the bundle being served", labels=["bundle_id"])
             info.add_metric([s["bundle_id"]], 1.0)
             yield info
+        worker = s.get("recommend_worker")
+        if worker:
+            up = GaugeMetricFamily(
+                "llmemb_recommend_worker_up",
+                "1 while the recommend path can serve (its worker process is running)",
+                labels=["mode"],
+            )
+            up.add_metric([worker["mode"]], 1.0 if worker["available"] else 0.0)
+            yield up
+            restarts = CounterMetricFamily(
+                "llmemb_recommend_worker_restarts", "recommend worker processes restarted after dying"
+            )
+            restarts.add_metric([], worker["restarts"])
+            yield restarts
         index = s.get("index")
         if index and index.get("recall_at_10") is not None:
             rec = GaugeMetricFamily(

@@ -21,12 +21,21 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 IndexKind = Literal["auto", "flat", "ivf", "hnsw"]
 Device = Literal["auto", "cpu", "cuda"]
+WorkerMode = Literal["auto", "thread", "process"]
 
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
 
 
 class SettingsError(ValueError):
     """The settings cannot run a service (e.g. no API key on a public address)."""
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def serve_threads() -> int:
@@ -36,11 +45,7 @@ def serve_threads() -> int:
     in torch's and faiss's OpenMP pools, their threads spin-wait on the loop's core after each op. On the 2-core
     CPU machine one thread served recommend at 1 client with 3.4x less CPU per request (p99 1.7 vs 4.2 ms) and
     the same throughput at 64 clients, and embed at the same rate (bench/serve.py)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+    return max(1, usable_cores() - 1)
 
 
 def is_loopback(host: str) -> bool:
@@ -79,6 +84,12 @@ class Settings(BaseSettings):
         "see serve_threads)",
     )
     warmup: bool = True
+    recommend_worker: WorkerMode = Field(
+        "auto",
+        description="where /v1/recommend's backbone + index run: `process` (a worker process of their own, "
+        "service/worker.py), `thread` (a thread of the server process), `auto` (process with 2+ usable cores or "
+        "on CUDA, else thread; see recommend_worker_mode)",
+    )
 
     # --- network and auth ----------------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -158,6 +169,16 @@ class Settings(BaseSettings):
         if short:
             raise ValueError("API keys must be at least 8 characters long")
         return self
+
+    def recommend_worker_mode(self, cuda: bool) -> Literal["thread", "process"]:
+        """``recommend_worker`` resolved for a server whose device is (``cuda``) or is not CUDA.
+
+        ``auto`` is ``process`` where the event loop and the model can each have a core (2+ usable cores), and on
+        CUDA (the model's Python there is kernel launches, which a GIL shared with the event loop delays); on one
+        core a second process would only add a message round trip per batch and context switches."""
+        if self.recommend_worker != "auto":
+            return self.recommend_worker
+        return "process" if cuda or usable_cores() >= 2 else "thread"
 
     @property
     def auth_enabled(self) -> bool:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models.bundle import save_bundle
-from tests.service.helpers import BUNDLE_A, BUNDLE_B, BUNDLE_ID_ONLY, make_parts
+from tests.service.helpers import BUNDLE_A, BUNDLE_B, BUNDLE_ID_ONLY, WORKER_MODES, make_parts
 from tests.tiny_llm import build_tiny_llama
 
 
@@ -39,3 +39,9 @@ def idonly_artifacts(template, tmp_path) -> Path:
     dst = tmp_path / "idonly"
     shutil.copytree(template / "idonly", dst)
     return dst
+
+
+@pytest.fixture(params=WORKER_MODES)
+def worker_mode(request) -> str:
+    """Where the recommend path runs (LLMEMB_RECOMMEND_WORKER): in the server process or a worker process."""
+    return request.param

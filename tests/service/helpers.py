@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import socket
 import threading
 import time
@@ -118,11 +119,47 @@ def make_parts(workdir: Path, llm_dir: Path, seed: int, with_llm: bool = True) -
     )
 
 
+# LLMEMB_RECOMMEND_WORKER values. Tests that recommend, register or reload run in both (the ``worker_mode``
+# fixture); the others keep the recommend path in the server process, which starts ~2 s faster (no worker
+# process importing torch).
+WORKER_MODES = ("thread", "process")
+
+
 def settings_for(artifacts: Path, **kw):
     from service.settings import Settings
 
-    base = {"artifacts": artifacts, "device": "cpu", "torch_threads": 1, "embed_max_wait_ms": 2.0}
+    base = {
+        "artifacts": artifacts,
+        "device": "cpu",
+        "torch_threads": 1,
+        "embed_max_wait_ms": 2.0,
+        "recommend_worker": "thread",
+    }
     return Settings(**{**base, **kw})
+
+
+def assert_error(r: httpx.Response, status: int, code: str | None = None) -> dict:
+    """The response is an error of the API's one shape, with this status (and code); returns its body."""
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    return body["error"]
+
+
+def process_gone(pid: int, timeout: float = 15.0) -> bool:
+    """True once process ``pid`` has exited and been reaped (a zombie still counts as there), within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
 
 
 def run(coro):

@@ -1,4 +1,5 @@
-"""The micro-batcher: grouping, size and cost limits, max wait, back-pressure, timeouts, errors, draining stop."""
+"""The micro-batcher: grouping, size and cost limits, max wait, back-pressure, timeouts, errors (and how they
+are logged), draining stop."""
 
 from __future__ import annotations
 
@@ -106,6 +107,28 @@ def test_timeout_drops_a_queued_item_and_errors_reach_every_caller():
     results = asyncio.run(go())
     assert [b for batch in fn.batches for b in batch] == [1]  # item 2 was never computed
     assert all(isinstance(r, ValueError) for r in results)
+
+
+def test_expected_errors_are_logged_in_one_line_others_with_their_traceback(caplog):
+    class Gone(RuntimeError):
+        pass
+
+    def fail(items):
+        raise (Gone if items[0] == "gone" else ValueError)(f"failed on {items[0]}")
+
+    async def go():
+        b = MicroBatcher(fail, name="q", max_wait_ms=0, expected_errors=(Gone,))
+        await b.start()
+        with pytest.raises(Gone):
+            await b.submit("gone")
+        with pytest.raises(ValueError):
+            await b.submit("bug")
+        await b.stop()
+
+    asyncio.run(go())
+    gone, bug = (r for r in caplog.records if r.name == "service.batching")
+    assert gone.levelname == "WARNING" and gone.exc_info is None and "failed on gone" in gone.getMessage()
+    assert bug.levelname == "ERROR" and bug.exc_info is not None and bug.exc_info[0] is ValueError
 
 
 def test_stop_drains_queued_work_then_refuses_new_items():

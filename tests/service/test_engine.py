@@ -1,6 +1,7 @@
 """The engine in-process, no HTTP: loading, embedding in every space, registration (idempotent, conflicts, upsert,
 durable across a restart), recommendation (exclusion, truncation, unknown ids, same scores as our SASRec on the
-bundle's table), table files, reload without failed requests, ID-only and corrupt bundles."""
+bundle's table), table files, reload without failed requests, ID-only and corrupt bundles. Recommendation,
+registration and reload run with the recommend path in this process and in a worker process (``worker_mode``)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,16 @@ from models.srs import SRSConfig, build_backbone, pad_left
 from models.srs.base import FrozenTableEncoder
 from service.engine import Engine, EngineLoadError
 from service.errors import Conflict, InvalidInput, NotFound
-from tests.service.helpers import BUNDLE_A, BUNDLE_B, MAX_LEN, N_ITEMS, catalog, run, settings_for
+from tests.service.helpers import (
+    BUNDLE_A,
+    BUNDLE_B,
+    MAX_LEN,
+    N_ITEMS,
+    catalog,
+    process_gone,
+    run,
+    settings_for,
+)
 from tests.tiny_llm import INSTRUCTION
 
 NEW_ATTRS = {"title": "bright wooden kite", "year": 1995, "genres": ["outdoor"]}
@@ -71,9 +81,9 @@ def test_embed_matches_the_bundle_tables(artifacts):
     run(go())
 
 
-def test_recommend_scores_exclusion_truncation_and_errors(artifacts):
+def test_recommend_scores_exclusion_truncation_and_errors(artifacts, worker_mode):
     async def go():
-        engine = Engine(settings_for(artifacts))
+        engine = Engine(settings_for(artifacts, recommend_worker=worker_mode))
         await engine.start()
         try:
             history = [f"t{i}" for i in (3, 7, 7, 12)]
@@ -108,8 +118,8 @@ def test_recommend_scores_exclusion_truncation_and_errors(artifacts):
     run(go())
 
 
-def test_register_is_idempotent_conflicts_upserts_and_survives_restart(artifacts):
-    settings = settings_for(artifacts)
+def test_register_is_idempotent_conflicts_upserts_and_survives_restart(artifacts, worker_mode):
+    settings = settings_for(artifacts, recommend_worker=worker_mode)
 
     async def first():
         engine = Engine(settings)
@@ -228,11 +238,13 @@ def test_table_files_in_every_format(artifacts):
     run(go())
 
 
-def test_reload_switches_bundles_without_failing_in_flight_requests(artifacts):
+def test_reload_switches_bundles_without_failing_in_flight_requests(artifacts, worker_mode):
     async def go():
-        engine = Engine(settings_for(artifacts, recommend_max_wait_ms=5.0))
+        engine = Engine(settings_for(artifacts, recommend_max_wait_ms=5.0, recommend_worker=worker_mode))
         await engine.start()
         try:
+            first = engine.info()["recommend_worker"]
+            assert first["mode"] == worker_mode and first["available"]
             before = (await engine.recommend(["t1", "t2"], k=5)).items
             stop = asyncio.Event()
             seen: list[str] = []
@@ -258,15 +270,20 @@ def test_reload_switches_bundles_without_failing_in_flight_requests(artifacts):
             with pytest.raises(NotFound):
                 await engine.reload("no-such-bundle")
             assert engine.bundle_id == BUNDLE_B
+            if worker_mode == "process":  # the old bundle's worker went with it; the new one has its own
+                new_pid = engine.info()["recommend_worker"]["pid"]
+                assert new_pid != first["pid"] and process_gone(first["pid"])
         finally:
             await engine.stop()
+        if worker_mode == "process":
+            assert process_gone(new_pid)
 
     run(go())
 
 
-def test_id_only_bundle_recommends_but_cannot_embed(idonly_artifacts):
+def test_id_only_bundle_recommends_but_cannot_embed(idonly_artifacts, worker_mode):
     async def go():
-        engine = Engine(settings_for(idonly_artifacts))
+        engine = Engine(settings_for(idonly_artifacts, recommend_worker=worker_mode))
         await engine.start()
         try:
             rec = await engine.recommend(["t1", "t2"], k=3)

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from service import engine as engine_module
+from service import recommender as recommender_module
 from service.api import fastpath
 from service.api.routes import recommend as recommend_route  # binds recommend_body before any patch
-from service.engine import Engine, length_groups
+from service.batching import length_groups
+from service.engine import Engine
 from tests.service.helpers import API_KEY, MAX_LEN, N_ITEMS, live_server, run, settings_for
 
 
@@ -33,7 +35,7 @@ def test_length_groups_cover_the_batch_once_in_length_runs():
 
 def test_grouped_batch_scores_equal_single_requests(artifacts, monkeypatch):
     """Histories of different lengths in one batch (forced by a wait), one group per length, score as alone."""
-    monkeypatch.setattr(engine_module, "_GROUP_CALL_COST_CPU", 0)
+    monkeypatch.setattr(recommender_module, "_GROUP_CALL_COST_CPU", 0)  # in-process: the default thread mode
 
     async def go():
         engine = Engine(settings_for(artifacts, recommend_max_wait_ms=200.0))

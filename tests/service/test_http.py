@@ -1,6 +1,8 @@
 """The HTTP API on a real uvicorn server (127.0.0.1, random free port): every endpoint, every auth case, every
 bad-input case (never a 500), the OpenAI client, table downloads loaded into our SASRec and into
-``nn.Embedding.from_pretrained`` giving the service's scores, overload (429), restart and reload."""
+``nn.Embedding.from_pretrained`` giving the service's scores, overload (429), restart and reload. Registration,
+recommendation, tables, overload, restart and reload run with the recommend path in the server process and in a
+worker process (LLMEMB_RECOMMEND_WORKER)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import base64
 import hashlib
 import io
 import json
+import os
 import shutil
 import threading
 import time
@@ -28,6 +31,8 @@ from tests.service.helpers import (
     BUNDLE_B,
     MAX_LEN,
     N_ITEMS,
+    WORKER_MODES,
+    assert_error,
     catalog,
     live_server,
     settings_for,
@@ -55,14 +60,20 @@ def client(srv):
         yield c
 
 
-def assert_error(r: httpx.Response, status: int, code: str | None = None) -> dict:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}, body
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    if code is not None:
-        assert body["error"]["code"] == code, body
-    return body["error"]
+@pytest.fixture(scope="module", params=WORKER_MODES)
+def rec_art(request, template, tmp_path_factory):
+    """A private artifacts root per recommend worker mode (the tests register items into it)."""
+    dst = tmp_path_factory.mktemp(f"http-{request.param}") / "artifacts"
+    shutil.copytree(template / "artifacts", dst)
+    return request.param, dst
+
+
+@pytest.fixture(scope="module")
+def rec_client(rec_art):
+    """A client of a server whose recommend path runs in the server process, then in a worker process."""
+    mode, art = rec_art
+    with live_server(settings_for(art, api_keys=[API_KEY], recommend_worker=mode)) as s, s.client() as c:
+        yield c
 
 
 # --- auth -----------------------------------------------------------------------------------------------------
@@ -227,7 +238,8 @@ def test_unknown_ids_tables_models_and_routes(client):
 # --- items, recommend, tables ---------------------------------------------------------------------------------
 
 
-def test_register_get_and_recommend_a_new_item(client):
+def test_register_get_and_recommend_a_new_item(rec_client):
+    client = rec_client
     r = client.post("/v1/items", json={"items": [{"id": "kite-1", "attributes": NEW}]})
     assert r.status_code == 201 and r.json()["items"] == [
         {"id": "kite-1", "row": N_ITEMS + 1, "status": "created"}
@@ -262,7 +274,8 @@ def test_register_get_and_recommend_a_new_item(client):
     client.post("/v1/items", json={"items": [{"id": "kite-1", "attributes": NEW}], "upsert": True})
 
 
-def test_downloaded_tables_give_the_service_scores_in_our_sasrec_and_plain_torch(client, art):
+def test_downloaded_tables_give_the_service_scores_in_our_sasrec_and_plain_torch(rec_client, rec_art):
+    client, art = rec_client, rec_art[1]
     client.post("/v1/items", json={"items": [{"id": "kite-2", "attributes": NEW | {"year": 1991}}]})
     listing = client.get("/v1/tables").json()
     assert {t["name"] for t in listing["tables"]} == {"llm", "pca", "item"}
@@ -316,7 +329,8 @@ def test_downloaded_tables_give_the_service_scores_in_our_sasrec_and_plain_torch
     )
 
 
-def test_info_and_metrics(client):
+def test_info_and_metrics(rec_client, rec_art):
+    client, mode = rec_client, rec_art[0]
     info = client.get("/v1/info").json()
     assert (
         info["bundle_id"] == BUNDLE_A
@@ -324,6 +338,10 @@ def test_info_and_metrics(client):
         and info["srs"]["backbone"] == "sasrec"
     )
     assert info["index"]["kind"] == "flat" and info["capabilities"]["recommend"]
+    worker = info["recommend_worker"]
+    assert worker["mode"] == mode and worker["available"] and worker["restarts"] == 0
+    assert worker["torch_threads"] == worker["faiss_threads"] == 1  # LLMEMB_TORCH_THREADS, where batches run
+    assert (worker["pid"] == os.getpid()) == (mode == "thread")  # the test runs the server in this process
     client.post("/v1/recommend", json={"history": ["t1"], "k": 3})
     text = client.get("/metrics").text
     assert 'llmemb_http_requests_total{method="POST",route="/v1/recommend",status="200"}' in text
@@ -336,6 +354,8 @@ def test_info_and_metrics(client):
         'llmemb_queue_depth{queue="recommend"}',
         'llmemb_catalog_items{source="bundle"} 50.0',
         "llmemb_ready 1.0",
+        f'llmemb_recommend_worker_up{{mode="{mode}"}} 1.0',
+        "llmemb_recommend_worker_restarts_total 0.0",
     ):
         assert name in text, name
 
@@ -343,9 +363,10 @@ def test_info_and_metrics(client):
 # --- overload, restart, reload, auth policy -------------------------------------------------------------------
 
 
-def test_overload_is_429_with_retry_after_and_metrics_can_require_auth(artifacts):
+def test_overload_is_429_with_retry_after_and_metrics_can_require_auth(artifacts, worker_mode):
     settings = settings_for(
         artifacts,
+        recommend_worker=worker_mode,
         api_keys=[API_KEY],
         recommend_max_queue=1,
         recommend_max_batch_size=1,
@@ -392,8 +413,8 @@ def test_overload_is_429_with_retry_after_and_metrics_can_require_auth(artifacts
         assert 'llmemb_queue_rejected_total{queue="recommend"} 2.0' in c.get("/metrics").text
 
 
-def test_registrations_survive_a_server_restart(artifacts):
-    settings = settings_for(artifacts, api_keys=[API_KEY])
+def test_registrations_survive_a_server_restart(artifacts, worker_mode):
+    settings = settings_for(artifacts, api_keys=[API_KEY], recommend_worker=worker_mode)
     with live_server(settings) as srv, srv.client() as c:
         assert c.post("/v1/items", json={"items": [{"id": "kite-9", "attributes": NEW}]}).status_code == 201
         before = c.post("/v1/recommend", json={"history": ["kite-9", "t3"], "k": 5}).json()["items"]
@@ -410,8 +431,10 @@ def test_registrations_survive_a_server_restart(artifacts):
         )
 
 
-def test_reload_over_http_fails_no_in_flight_request(artifacts):
-    settings = settings_for(artifacts, api_keys=[API_KEY], recommend_max_wait_ms=5.0)
+def test_reload_over_http_fails_no_in_flight_request(artifacts, worker_mode):
+    settings = settings_for(
+        artifacts, api_keys=[API_KEY], recommend_max_wait_ms=5.0, recommend_worker=worker_mode
+    )
     with live_server(settings) as srv, srv.client() as c:
         stop = threading.Event()
         seen: list[tuple[int, str | None]] = []

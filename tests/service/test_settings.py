@@ -1,4 +1,5 @@
-"""Settings from LLMEMB_* variables: comma-separated keys, a keys file, typed limits, the no-auth policy."""
+"""Settings from LLMEMB_* variables: comma-separated keys, a keys file, typed limits, the no-auth policy, where the
+recommend path runs."""
 
 from __future__ import annotations
 
@@ -38,3 +39,22 @@ def test_no_keys_is_allowed_only_on_loopback_or_explicitly():
         Settings(api_keys="short")
     with pytest.raises(ValidationError):
         Settings(max_k=0)
+
+
+def test_the_recommend_worker_is_a_process_with_two_cores_or_on_cuda_unless_set(monkeypatch):
+    from service import settings as settings_module
+
+    s = Settings()
+    assert s.recommend_worker == "auto"
+    monkeypatch.setattr(settings_module, "usable_cores", lambda: 1)
+    assert s.recommend_worker_mode(cuda=False) == "thread" and s.recommend_worker_mode(cuda=True) == "process"
+    monkeypatch.setattr(settings_module, "usable_cores", lambda: 2)
+    assert s.recommend_worker_mode(cuda=False) == "process"
+    monkeypatch.setenv("LLMEMB_RECOMMEND_WORKER", "thread")
+    assert Settings().recommend_worker_mode(cuda=True) == "thread"
+    monkeypatch.setenv("LLMEMB_RECOMMEND_WORKER", "process")
+    monkeypatch.setattr(settings_module, "usable_cores", lambda: 1)
+    assert Settings().recommend_worker_mode(cuda=False) == "process"
+    monkeypatch.setenv("LLMEMB_RECOMMEND_WORKER", "fork")
+    with pytest.raises(ValidationError, match="recommend_worker"):
+        Settings()

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response
 
 from service.api.errors import error_response
 from service.api.schemas import ErrorResponse, Health, Ready
+from service.engine import WORKER_UNAVAILABLE
 
 router = APIRouter(tags=["service"])
 
@@ -18,13 +19,22 @@ async def health() -> Health:
 @router.get(
     "/ready",
     response_model=Ready,
-    responses={503: {"model": ErrorResponse, "description": "still loading, or the bundle failed to load"}},
-    summary="Readiness: a bundle is loaded and warmed up",
+    responses={
+        503: {
+            "model": ErrorResponse,
+            "description": "still loading, the bundle failed to load, or the recommend worker process is being "
+            "restarted",
+        }
+    },
+    summary="Readiness: a bundle is loaded and warmed up, its recommend worker running",
 )
 async def ready(request: Request):
     engine = request.app.state.engine
     if engine.ready:
-        return Ready(bundle_id=engine.bundle_id)
+        down = engine.unavailable_reason()
+        if down is None:
+            return Ready(bundle_id=engine.bundle_id)
+        return error_response(503, WORKER_UNAVAILABLE, down, headers={"Retry-After": "1"})
     if engine.load_error:
         return error_response(
             503, "load_failed", f"no bundle loaded: {engine.load_error}", headers={"Retry-After": "5"}

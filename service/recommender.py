@@ -1,0 +1,249 @@
+"""The recommend path: the SRS backbone over a growing item table, and the faiss index over the same rows.
+
+    rec = Recommender(spec)                        # spec: RecommenderSpec (item table, backbone state, index config)
+    rec.serve_batch([([3, 7, 12], 10, True)])      # -> [([row, ...], [score, ...], excluded)] per request
+    rec.apply_rows([51], vectors)                  # a registered (or upserted) item's ``item`` vector
+
+A ``Recommender`` runs where the recommend batches run: on the recommend micro-batcher's worker thread in the
+server process (``LLMEMB_RECOMMEND_WORKER=thread``), or in the recommend worker process (``service.worker``), which
+builds it from the same picklable ``RecommenderSpec``. The engine talks to either through the same methods
+(``serve_batch``, ``apply_rows``, ``available``, ``status``, ``index_info``, ``close``); ``service.worker``'s
+``RecommendWorker`` is the process-side twin.
+
+A request is ``(history rows, oldest first, k, exclude_seen)``. The backbone sees the last ``window`` rows; with
+``exclude_seen`` every distinct row of the full history is excluded from the top k. ``recommend_batch`` is the
+model and index work alone, on requests already cut to the window (what bench/serve.py times as "offline").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from models.srs import SRSConfig, build_backbone
+from models.srs.base import ItemEncoder
+from service.batching import length_groups
+from service.index import IndexConfig, ItemIndex, SearchResult, recall_at_k
+
+log = logging.getLogger(__name__)
+
+# One backbone call's fixed cost in history positions (padding included): what a separate call for a group of
+# histories must save in padding to pay for itself. CPU: ~0.5 ms a call, ~7 us a position (SASRec, hidden 128, 2
+# blocks). CUDA: the positions are nearly free and every call is a round of kernel launches, so one call.
+_GROUP_CALL_COST_CPU = 64
+_GROUP_CALL_COST_CUDA = 1 << 20
+
+# (history rows, k, exclude_seen) -> (rows best first, their scores, distinct rows excluded)
+Request = tuple[Sequence[int], int, bool]
+Result = tuple[list[int], list[float], int]
+
+
+class RecommenderLoadError(RuntimeError):
+    """The backbone's state does not fit its config (the message says how)."""
+
+
+def apply_threads(threads: int | None) -> dict[str, int]:
+    """Set torch's and faiss's intra-op threads (None: leave the libraries' defaults) and return the counts in
+    effect. OpenMP thread counts are per calling thread: call it on the thread that runs the batches."""
+    if threads:
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(threads)
+    return {"torch_threads": torch.get_num_threads(), "faiss_threads": faiss.omp_get_max_threads()}
+
+
+def history_window(backbone: str, config: SRSConfig) -> int:
+    """History ids a backbone reads: ``max_len`` (Bert4Rec: ``max_len - 1``, its last position is the mask)."""
+    return config.max_len - 1 if backbone == "bert4rec" else config.max_len
+
+
+@dataclass
+class RecommenderSpec:
+    """Everything a ``Recommender`` is built from. Picklable: the worker process receives it."""
+
+    bundle_id: str
+    backbone: str  # "sasrec" | "gru4rec" | "bert4rec"
+    srs_config: SRSConfig  # n_items: the bundle's items (the table may hold more rows)
+    srs_body: dict[str, torch.Tensor]  # the backbone's state dict without its item encoder
+    table: np.ndarray  # (rows, dim) float32: row 0 padding (zeros), bundle rows, then registered rows
+    index: IndexConfig
+    device: str  # "cpu" | "cuda" | "cuda:N"
+    threads: int | None  # torch and faiss intra-op threads (None: the libraries' defaults)
+
+
+def _pad_rows(seqs: Sequence[Sequence[int]]) -> torch.Tensor:
+    """``models.srs.pad_left`` for histories already cut to the window, filled in numpy: one tensor for the
+    batch instead of one per history (pad_left's per-row tensors cost ~7 us each on the worker thread)."""
+    width = max(len(s) for s in seqs)
+    out = np.zeros((len(seqs), width), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        out[i, width - len(s) :] = s
+    return torch.from_numpy(out)
+
+
+class CatalogEncoder(ItemEncoder):
+    """The served backbone's item encoder: a view of the growing item table (bundle + registered rows).
+    Not a parameter or buffer, so it is not part of the backbone's state dict and is never copied."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.n_items, self.dim = table.shape[0] - 1, table.shape[1]
+        self.weight = table
+
+    def table(self) -> torch.Tensor:
+        return self.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+class _Rows:
+    """A growable float32 matrix (capacity doubling); ``view()`` is rows [0, n)."""
+
+    def __init__(self, initial: torch.Tensor, device: torch.device, spare: int = 256) -> None:
+        self.n, self.dim = initial.shape
+        self.data = torch.zeros(self.n + spare, self.dim, dtype=torch.float32, device=device)
+        self.data[: self.n] = initial.to(device=device, dtype=torch.float32)
+
+    def view(self) -> torch.Tensor:
+        return self.data[: self.n]
+
+    def set(self, rows: Sequence[int], vectors: torch.Tensor) -> bool:
+        """Write rows (existing ones overwritten, new ones appended in order). True if the storage moved."""
+        moved = False
+        top = max(rows) + 1
+        if top > self.data.shape[0]:
+            grown = torch.zeros(
+                max(top, int(self.data.shape[0] * 1.5) + 256), self.dim, device=self.data.device
+            )
+            grown[: self.n] = self.data[: self.n]
+            self.data, moved = grown, True
+        self.data[torch.as_tensor(list(rows), device=self.data.device)] = vectors.to(self.data)
+        self.n = max(self.n, top)
+        return moved
+
+
+class Recommender:
+    """The backbone, the item table it reads and the faiss index, built from a ``RecommenderSpec``. Not
+    thread-safe: every method but ``status`` and ``index_info`` runs on the one thread that runs the batches."""
+
+    mode = "thread"
+
+    def __init__(self, spec: RecommenderSpec) -> None:
+        start = time.perf_counter()
+        self.bundle_id = spec.bundle_id
+        self.backbone = spec.backbone
+        self.srs_config = spec.srs_config
+        self.srs_body = spec.srs_body
+        self.window = history_window(spec.backbone, spec.srs_config)
+        self.device = torch.device(spec.device)
+        self.thread_counts: dict[str, int] = {}  # apply_threads() on the batch thread (the engine sets it)
+        table = np.ascontiguousarray(spec.table, dtype=np.float32)
+        self.item_rows = _Rows(torch.from_numpy(table), self.device)
+        try:
+            self.model = self._build_model()
+        except (RuntimeError, ValueError) as e:
+            raise RecommenderLoadError(f"srs/{self.backbone}.safetensors does not fit its config: {e}") from e
+        self.index = ItemIndex(table, spec.index)
+        self.index_recall: float | None = None
+        if not self.index.exact:  # measure what approximation costs on this catalog
+            rng = np.random.default_rng(0)
+            picks = rng.integers(1, self.index.n_rows, size=min(200, self.index.size))
+            self.index_recall = recall_at_k(self.index, self.index.vectors()[picks], 10)
+            log.info("%s index recall@10 vs exact: %.4f", self.index.kind, self.index_recall)
+        self.load_seconds = time.perf_counter() - start
+
+    def _build_model(self) -> torch.nn.Module:
+        view = self.item_rows.view()
+        cfg = dataclasses.replace(self.srs_config, n_items=view.shape[0] - 1)
+        model = build_backbone(self.backbone, cfg, CatalogEncoder(view))
+        model.load_state_dict(self.srs_body, strict=True)
+        return model.to(self.device).eval().requires_grad_(False)
+
+    # ----- what the engine reads -----
+
+    @property
+    def available(self) -> bool:
+        return True
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        return None
+
+    def index_info(self) -> dict[str, Any]:
+        return {**self.index.describe(), "recall_at_10": self.index_recall}
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "pid": os.getpid(),  # the process that runs the batches: the server's
+            "available": True,
+            "reason": None,
+            "restarts": 0,
+            **self.thread_counts,
+        }
+
+    async def close(self) -> None:
+        """Nothing to release: the batcher's thread and this object go with the bundle's state."""
+
+    # ----- on the batch thread -----
+
+    def prepare(
+        self, batch: Sequence[Request]
+    ) -> tuple[list[tuple[tuple[int, ...], int, frozenset[int]]], list[int]]:
+        """Requests -> (``recommend_batch``'s input: the window's rows, k, the rows to exclude; excluded counts)."""
+        w = self.window
+        prepared = []
+        excluded = []
+        for rows, k, exclude_seen in batch:
+            seen = frozenset(rows) if exclude_seen else frozenset()
+            prepared.append((tuple(rows[-w:]), k, seen))
+            excluded.append(len(seen))
+        return prepared, excluded
+
+    def serve_batch(self, batch: Sequence[Request]) -> list[Result]:
+        """The micro-batcher's batch function: one ``Result`` per request, in order."""
+        prepared, excluded = self.prepare(batch)
+        results = self.recommend_batch(prepared)
+        return [(r.rows.tolist(), r.scores.tolist(), n) for r, n in zip(results, excluded)]
+
+    @torch.inference_mode()
+    def recommend_batch(self, batch: list[tuple[tuple[int, ...], int, frozenset[int]]]) -> list[SearchResult]:
+        """Backbone forward (one call per group of similar history lengths) + faiss top-k with exclusion."""
+        seqs = [b[0] for b in batch]
+        call_cost = _GROUP_CALL_COST_CUDA if self.device.type == "cuda" else _GROUP_CALL_COST_CPU
+        groups = length_groups([len(s) for s in seqs], call_cost)
+        if len(groups) == 1:
+            users = self.model(_pad_rows(seqs).to(self.device)).float().cpu().numpy()
+        else:
+            users = None
+            for idx in groups:
+                out = self.model(_pad_rows([seqs[i] for i in idx]).to(self.device))
+                out = out.float().cpu().numpy()
+                if users is None:
+                    users = np.empty((len(seqs), out.shape[1]), dtype=np.float32)
+                users[idx] = out
+        return self.index.search(users, [b[1] for b in batch], [b[2] for b in batch])
+
+    def apply_rows(self, rows: Sequence[int], item: np.ndarray) -> None:
+        """Set the ``item`` vectors of ``rows`` (new rows continue the numbering) in the table the backbone reads
+        and in the index. Runs between batches, so no forward pass sees a half-applied update."""
+        last: dict[int, int] = {r: i for i, r in enumerate(rows)}  # a row given twice: the last one wins
+        rows = list(last)
+        item = np.ascontiguousarray(np.asarray(item, dtype=np.float32)[[last[r] for r in rows]])
+        grew = max(rows) >= self.item_rows.n
+        self.item_rows.set(rows, torch.from_numpy(item))
+        if grew:
+            self.model = self._build_model()
+        else:
+            self.model.item_encoder.weight = self.item_rows.view()
+        self.index.upsert(rows, item)

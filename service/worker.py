@@ -1,0 +1,443 @@
+"""The recommend worker process (``LLMEMB_RECOMMEND_WORKER=process``): the recommend path (SRS backbone + item
+table + faiss index, ``service.recommender.Recommender``) in a process of its own.
+
+Why. In one process the server's event loop (HTTP, validation, bookkeeping) and the recommend batch function (the
+backbone's and the index's Python between GIL-free kernels) take turns on one GIL. Here the model has its own
+interpreter; the server still groups concurrent requests (``service.batching``) and sends one message per batch.
+
+    worker = RecommendWorker(spec_source=state.spec, lock=state.register_lock, batch_timeout_s=10)
+    await worker.start(spec)               # spawn `python -m service.worker`, build the Recommender there
+    worker.serve_batch(batch)              # on the micro-batcher's thread: one message out, one back
+    worker.apply_rows(rows, vectors)       # likewise, between batches; returns once the worker has applied them
+    await worker.close()                   # stop message; killed if it does not exit in time
+
+Wire. A socketpair, each end wrapped in a ``multiprocessing.connection.Connection``. Every message is one pickled
+``(op, payload)`` and every call waits for its reply (``("ok", value)`` or ``("error", text)``), so calls are
+strictly ordered: a catalog update sent between two batches is applied between them. ops: ``load`` (a
+``RecommenderSpec``), ``recommend`` (the batch as a list of ``(rows, k, exclude_seen)``: pickle's C code writes
+small int lists faster than they can be packed into arrays here), ``apply`` (rows + an array of ``item``
+vectors), ``stop``. A batch's results come back as four flat numpy arrays (rows, scores, results per request,
+excluded per request), decoded once per batch. Calls run on the micro-batcher's thread, which waits on the socket
+with the GIL released; the event loop never touches the socket.
+
+Failure. A waiter thread per process notices its exit. The batch in flight then fails with ``WorkerUnavailable``
+(the API's 503), and so does every recommend request until a new worker is up; /ready answers 503 meanwhile. The
+worker is restarted at once (a worker that dies within a minute of its start is restarted after 1, 2, 4 ... 30 s),
+built from the catalog as it is then, registered items included; registrations wait for it (``lock``). A batch
+with no answer after ``batch_timeout_s`` (every request in it has had its 504 by then) is taken for a hung worker,
+which is killed and restarted the same way. The worker ignores SIGINT and SIGTERM, which a Ctrl-C or a group-wide
+stop delivers to it too: the server drains its requests first and then stops it. It exits when the server closes
+the socket, so it does not outlive the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+from service.recommender import Recommender, RecommenderSpec, Request, Result, apply_threads
+
+log = logging.getLogger(__name__)
+
+_OK, _ERROR = "ok", "error"
+_HEALTHY_AFTER_S = 60.0  # a worker that ran this long restarts at once when it dies
+_MAX_BACKOFF_S = 30.0
+_STOP_TIMEOUT_S = 10.0
+
+
+class WorkerUnavailable(RuntimeError):
+    """The recommend worker is not running (it died, is being restarted, or the service is stopping)."""
+
+
+class WorkerCallError(RuntimeError):
+    """The worker ran the call and it raised; the message is the worker's ``Type: message``."""
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "stopped answering"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _exit_code(proc: subprocess.Popen) -> int | None:
+    try:
+        return proc.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(OSError):
+        proc.kill()
+
+
+def _call(conn: Connection, op: str, payload: Any, timeout: float | None) -> Any:
+    """One request and its reply. EOFError / OSError: the worker is gone; TimeoutError: no reply in time."""
+    conn.send_bytes(pickle.dumps((op, payload), protocol=pickle.HIGHEST_PROTOCOL))
+    if timeout is not None and not conn.poll(timeout):
+        raise TimeoutError(op)
+    status, value = pickle.loads(conn.recv_bytes())
+    if status == _ERROR:
+        raise WorkerCallError(value)
+    return value
+
+
+def unpack_results(
+    counts: np.ndarray, rows: np.ndarray, scores: np.ndarray, excluded: np.ndarray
+) -> list[Result]:
+    """The flat arrays of a batch's results -> one ``(rows, scores, excluded)`` per request."""
+    rows_l, scores_l = rows.tolist(), scores.tolist()
+    out: list[Result] = []
+    at = 0
+    for n, ex in zip(counts.tolist(), excluded.tolist()):
+        out.append((rows_l[at : at + n], scores_l[at : at + n], ex))
+        at += n
+    return out
+
+
+def pack_results(rec: Recommender, batch: Sequence[Request]) -> tuple[np.ndarray, ...]:
+    """``Recommender.serve_batch`` as four flat arrays: per-request counts, rows, scores, excluded counts."""
+    prepared, excluded = rec.prepare(batch)
+    results = rec.recommend_batch(prepared)
+    counts = np.fromiter((len(r.rows) for r in results), dtype=np.int32, count=len(results))
+    rows = np.concatenate([np.zeros(0, np.int64), *(r.rows for r in results)])
+    scores = np.concatenate([np.zeros(0, np.float32), *(r.scores for r in results)])
+    return counts, rows, scores, np.asarray(excluded, dtype=np.int32)
+
+
+class RecommendWorker:
+    """The server's side of one recommend worker process (and of its replacements after a crash).
+
+    ``spec_source()`` builds a ``RecommenderSpec`` of the catalog as it is now (called in a thread, under
+    ``lock``, for a restart). ``serve_batch`` and ``apply_rows`` block the calling thread and are meant for the
+    recommend micro-batcher's worker thread; everything else runs on the event loop.
+    """
+
+    mode = "process"
+
+    def __init__(
+        self,
+        *,
+        spec_source: Callable[[], RecommenderSpec],
+        lock: asyncio.Lock,
+        batch_timeout_s: float,
+        log_level: str = "info",
+    ) -> None:
+        self._spec_source = spec_source
+        self._lock = lock
+        self._batch_timeout_s = batch_timeout_s
+        self._log_level = log_level
+        self._call_lock = threading.Lock()  # one call at a time on the socket
+        self._current: tuple[subprocess.Popen, Connection] | None = None
+        self._launching: subprocess.Popen | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+        self._closed: asyncio.Event | None = None
+        self._restart_task: asyncio.Task | None = None
+        self._reason: str | None = "the recommend worker is not started"
+        self._started_at = 0.0
+        self._quick_deaths = 0
+        self._threads: dict[str, int] = {}
+        self._index_info: dict[str, Any] = {}
+        self.restarts = 0
+
+    # ----- state, read on the event loop -----
+
+    @property
+    def available(self) -> bool:
+        return self._current is not None and not self._closing
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        return None if self.available else self._reason
+
+    @property
+    def pid(self) -> int | None:
+        cur = self._current
+        return cur[0].pid if cur is not None else None
+
+    def index_info(self) -> dict[str, Any]:
+        return dict(self._index_info)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "pid": self.pid,
+            "available": self.available,
+            "reason": self.unavailable_reason,
+            "restarts": self.restarts,
+            **self._threads,
+        }
+
+    # ----- lifecycle (event loop) -----
+
+    async def start(self, spec: RecommenderSpec) -> None:
+        """Start the worker and build the recommend path there. ``WorkerCallError``: the build failed there (the
+        message says why); ``WorkerUnavailable``: the process died while loading."""
+        self._loop = asyncio.get_running_loop()
+        self._closed = asyncio.Event()
+        await self._launch(spec)
+
+    async def close(self) -> None:
+        """Stop the worker (and any restart in progress); wait until the process has exited."""
+        if self._closing:
+            return
+        self._closing = True
+        self._reason = "the service is stopping"
+        if self._closed is not None:
+            self._closed.set()
+        if self._launching is not None:
+            _kill(self._launching)
+        if self._restart_task is not None:
+            self._restart_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._restart_task
+        current, self._current = self._current, None
+        if current is not None:
+            await asyncio.to_thread(self._shutdown, *current)
+
+    def _spawn(self) -> tuple[subprocess.Popen, Connection]:
+        """``python -m service.worker`` with one end of a socketpair; a waiter thread reaps it when it exits."""
+        parent, child = socket.socketpair()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path)}
+        argv = [sys.executable, "-m", "service.worker", "--fd", str(child.fileno())]
+        try:
+            proc = subprocess.Popen(
+                [*argv, "--log-level", self._log_level],
+                pass_fds=(child.fileno(),),
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        threading.Thread(
+            target=self._wait, args=(proc,), name=f"recommend-worker-{proc.pid}", daemon=True
+        ).start()
+        return proc, Connection(parent.detach())
+
+    async def _launch(self, spec: RecommenderSpec) -> None:
+        proc, conn = self._spawn()
+        self._launching = proc
+        try:
+            info = await asyncio.to_thread(self._load, proc, conn, spec)
+        except BaseException:
+            _kill(proc)  # a failed or cancelled load: the process goes (the waiter thread reaps it)
+            raise
+        finally:
+            self._launching = None
+        if self._closing:
+            await asyncio.to_thread(self._shutdown, proc, conn)
+            raise WorkerUnavailable("the service is stopping")
+        self._threads = {k: info[k] for k in ("torch_threads", "faiss_threads")}
+        self._index_info = info["index"]
+        self._started_at = time.monotonic()
+        self._reason = None
+        self._current = (proc, conn)
+        log.info(
+            "recommend worker pid %d ready in %.1f s (torch threads %d, faiss threads %d)",
+            proc.pid,
+            info["load_seconds"],
+            info["torch_threads"],
+            info["faiss_threads"],
+        )
+
+    def _load(self, proc: subprocess.Popen, conn: Connection, spec: RecommenderSpec) -> dict[str, Any]:
+        try:
+            return _call(conn, "load", spec, None)
+        except (EOFError, OSError) as e:
+            conn.close()
+            raise WorkerUnavailable(
+                f"the recommend worker process (pid {proc.pid}) {_exit_text(_exit_code(proc))} while loading"
+            ) from e
+        except BaseException:
+            conn.close()
+            raise
+
+    def _shutdown(self, proc: subprocess.Popen, conn: Connection) -> None:
+        with self._call_lock:
+            with contextlib.suppress(TimeoutError, EOFError, OSError, WorkerCallError):
+                _call(conn, "stop", None, _STOP_TIMEOUT_S)
+            conn.close()
+        try:
+            proc.wait(timeout=_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            log.warning("recommend worker pid %d did not exit after 'stop': killing it", proc.pid)
+            _kill(proc)
+            proc.wait()
+
+    # ----- death and restart -----
+
+    def _wait(self, proc: subprocess.Popen) -> None:
+        code = proc.wait()
+        loop = self._loop
+        if loop is not None and not self._closing:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the service is gone
+                loop.call_soon_threadsafe(self._on_exit, proc, code)
+
+    def _on_exit(self, proc: subprocess.Popen, code: int) -> None:
+        current = self._current
+        if self._closing or current is None or current[0] is not proc:
+            return  # a stopped, replaced or never published process
+        self._current = None
+        if time.monotonic() - self._started_at >= _HEALTHY_AFTER_S:
+            self._quick_deaths = 0
+        delay = 0.0 if self._quick_deaths == 0 else min(_MAX_BACKOFF_S, 2.0 ** (self._quick_deaths - 1))
+        self._quick_deaths += 1
+        self._reason = (
+            f"the recommend worker process (pid {proc.pid}) {_exit_text(code)}; it is being restarted"
+        )
+        log.error("%s%s", self._reason, f" in {delay:g} s" if delay else "")
+        self._restart_task = self._loop.create_task(
+            self._restart(current[1], delay), name="recommend-worker-restart"
+        )
+
+    def _close_conn(self, conn: Connection) -> None:
+        with self._call_lock:  # after the call in flight on it (if any) has seen the end of the socket
+            conn.close()
+
+    async def _restart(self, old: Connection, delay: float) -> None:
+        await asyncio.to_thread(self._close_conn, old)
+        while not self._closing:
+            if delay:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._closed.wait(), delay)
+                if self._closing:
+                    return
+            try:
+                async with self._lock:  # no registration between the catalog snapshot and the new worker
+                    if self._closing:
+                        return
+                    spec = await asyncio.to_thread(self._spec_source)
+                    await self._launch(spec)
+            except Exception as e:  # noqa: BLE001 - kept in the reason /ready shows, retried with backoff
+                if self._closing:
+                    return
+                delay = min(_MAX_BACKOFF_S, max(1.0, 2 * delay))
+                self._reason = f"the recommend worker could not be restarted ({e}); retrying in {delay:g} s"
+                log.exception("recommend worker restart failed")
+                continue
+            self.restarts += 1
+            log.warning("recommend worker restarted: pid %s", self.pid)
+            return
+
+    # ----- calls (the micro-batcher's thread) -----
+
+    def _request(self, op: str, payload: Any, timeout: float | None) -> Any:
+        with self._call_lock:
+            current = self._current
+            if current is None or self._closing:
+                raise WorkerUnavailable(self._reason or "the recommend worker is not running")
+            proc, conn = current
+            try:
+                return _call(conn, op, payload, timeout)
+            except TimeoutError:
+                log.error("recommend worker pid %d did not answer within %g s: killing it", proc.pid, timeout)
+                _kill(proc)
+                raise WorkerUnavailable(
+                    f"the recommend worker process (pid {proc.pid}) did not answer within {timeout:g} s and "
+                    "was killed; it is being restarted"
+                ) from None
+            except (EOFError, OSError):
+                raise WorkerUnavailable(
+                    f"the recommend worker process (pid {proc.pid}) {_exit_text(_exit_code(proc))}; "
+                    "it is being restarted"
+                ) from None
+
+    def serve_batch(self, batch: Sequence[Request]) -> list[Result]:
+        """The micro-batcher's batch function: the batch goes to the worker, its results come back."""
+        return unpack_results(*self._request("recommend", batch, self._batch_timeout_s))
+
+    def apply_rows(self, rows: Sequence[int], item: np.ndarray) -> None:
+        """``Recommender.apply_rows`` in the worker; returns once it is applied there."""
+        payload = (list(rows), np.ascontiguousarray(item, dtype=np.float32))
+        self._index_info = self._request("apply", payload, None)
+
+
+# --- the worker process ---------------------------------------------------------------------------------------
+
+
+def _serve(conn: Connection) -> int:
+    rec: Recommender | None = None
+    while True:
+        try:
+            op, payload = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            return 0  # the server closed its end, or is gone
+        try:
+            if op == "stop":
+                conn.send_bytes(pickle.dumps((_OK, None)))
+                return 0
+            if op == "load":
+                start = time.perf_counter()
+                threads = apply_threads(payload.threads)  # before the build: IVF training uses them
+                rec = Recommender(payload)
+                gc.collect()
+                gc.freeze()  # what is loaded stays out of the cyclic GC's full passes
+                value: Any = {
+                    "index": rec.index_info(),
+                    "load_seconds": time.perf_counter() - start,
+                    **threads,
+                }
+            elif rec is None:
+                raise RuntimeError(f"{op!r} before 'load'")
+            elif op == "recommend":
+                value = pack_results(rec, payload)
+            elif op == "apply":
+                rec.apply_rows(*payload)
+                value = rec.index_info()
+            else:
+                raise ValueError(f"unknown op {op!r}")
+            reply = (_OK, value)
+        except Exception as e:  # noqa: BLE001 - the server raises it as WorkerCallError
+            log.exception("%s failed", op)
+            reply = (_ERROR, f"{type(e).__name__}: {e}")
+        try:
+            conn.send_bytes(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))
+        except OSError:
+            return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m service.worker",
+        description="The recommend worker process; started by the server (LLMEMB_RECOMMEND_WORKER=process).",
+    )
+    p.add_argument("--fd", type=int, required=True, help="the server's socket (inherited file descriptor)")
+    p.add_argument("--log-level", default="info")
+    args = p.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    level = args.log_level.upper()
+    logging.basicConfig(
+        level=logging.DEBUG if level == "TRACE" else getattr(logging, level, logging.INFO),
+        format="%(levelname)s:     recommend worker [%(process)d] %(message)s",
+    )
+    return _serve(Connection(args.fd))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
