@@ -18,8 +18,10 @@ What runs, in order:
   2. The offline engine, in a child process pinned to the server's cores: the engine's own batch functions (the
      LLM + PCA + adapter forward for embed; backbone forward + faiss top-k with exclusion for recommend) called
      directly at several batch sizes - no HTTP, no queue; the best rate is "offline". Also the engine's async API
-     (micro-batcher included, no HTTP) with 64 concurrent calls.
-  3. The server: ``llmemb serve`` (service.cli.serve, so uvicorn's settings are the production ones) in a
+     (micro-batcher included, no HTTP) with 64 concurrent calls. The recommend path runs in that process whatever
+     the server's LLMEMB_RECOMMEND_WORKER, so "offline" is the same measurement for every server setting.
+  3. The server: ``llmemb serve`` (service.cli.serve, so uvicorn's settings are the production ones, the recommend
+     worker process included where its default or ``--set recommend_worker=...`` says) in a
      subprocess on 127.0.0.1 at a free port with an API key, and a load generator in this process: raw asyncio
      streams speaking HTTP/1.1 keep-alive with pre-encoded requests (one connection per client), so the client
      costs as little CPU as it can; its CPU time is reported next to the server's. Cells: ``/v1/items/embed``
@@ -28,8 +30,9 @@ What runs, in order:
      ``--warmup`` seconds unrecorded, then a window of ``--duration`` seconds, extended until it holds one
      response per client (slow cells: LLM embedding on a CPU); throughput = responses in the window / its
      length, latency percentiles over those responses; then the in-flight requests drain before the next cell.
-     Server CPU per request (the whole process, and its event-loop thread alone) and the load generator's CPU
-     come from /proc and process_time over the window; mean batch size from the server's /metrics.
+     Server CPU per request (the server process with its children - the recommend worker process -, its
+     event-loop thread alone, the children alone) and the load generator's CPU come from /proc and process_time
+     over the window; mean batch size from the server's /metrics.
 
 Cores (``--pin``): ``split`` pins the server (and the offline child) to all cores but the last and the load
 generator to the last one; ``none`` pins nothing (client and server share every core). ``auto`` = split from 3
@@ -185,6 +188,23 @@ def proc_cpu_seconds(pid: int, tid: int | None = None) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return float("nan")
+
+
+def descendants(pid: int) -> list[int]:
+    """The live child processes of ``pid`` and theirs (from /proc)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited while we looked
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
 
 
 def commit_of_tree() -> str:
@@ -455,18 +475,21 @@ def offline_child(spec_path: Path) -> int:
         settings = Settings()
         if settings.torch_threads is None:  # as `llmemb serve` does (service.cli)
             settings = settings.model_copy(update={"torch_threads": serve_threads()})
+        # The recommend path in this process whatever the server's LLMEMB_RECOMMEND_WORKER: "offline" is its batch
+        # function called directly, the same measurement in every mode.
+        settings = settings.model_copy(update={"recommend_worker": "thread"})
         engine = Engine(settings)
         t0 = time.perf_counter()
         await engine.start()
         out["load_seconds"] = round(time.perf_counter() - t0, 2)
         out["torch_threads"] = torch.get_num_threads()
         st = engine._state  # the served state: its batch functions are what the micro-batchers call
-        if st.model is not None:
+        if st.recommender is not None:
             rows = [[st.id_to_row[i] for i in h] for h in work.histories]
             reqs = [(tuple(r[-st.window :]), K, frozenset(r)) for r in rows]
             for b in spec["recommend_batches"]:
                 batches = [reqs[i : i + b] for i in range(0, len(reqs) - b + 1, b)] or [reqs[:b]]
-                secs, calls, n = _timed(st._recommend_batch, batches, spec["budget_s"])
+                secs, calls, n = _timed(st.recommender.recommend_batch, batches, spec["budget_s"])
                 out["recommend"][str(b)] = {"per_s": n / secs, "ms_per_batch": 1000 * secs / calls}
                 print(f"offline recommend batch {b}: {n / secs:,.0f}/s", file=sys.stderr, flush=True)
             # The engine's async API (validation + micro-batcher + index), 64 concurrent calls, no HTTP.
@@ -587,9 +610,12 @@ class Server:
             await asyncio.sleep(0.2)
         raise RuntimeError(f"the server was not ready within {timeout:.0f} s; log:\n{self.tail()}")
 
-    def cpu_seconds(self) -> tuple[float, float]:
-        """(whole process, main thread = the event loop) CPU seconds."""
-        return proc_cpu_seconds(self.proc.pid), proc_cpu_seconds(self.proc.pid, self.proc.pid)
+    def cpu_seconds(self) -> tuple[float, float, float]:
+        """CPU seconds of (the server process and its children, e.g. the recommend worker; its main thread = the
+        event loop; the children alone)."""
+        children = sum(proc_cpu_seconds(pid) for pid in descendants(self.proc.pid))
+        main = proc_cpu_seconds(self.proc.pid)
+        return main + children, proc_cpu_seconds(self.proc.pid, self.proc.pid), children
 
     def tail(self, n: int = 4000) -> str:
         with contextlib.suppress(OSError):
@@ -643,6 +669,7 @@ class CellResult:
     latencies_ms: list[float]
     server_cpu_s: float
     loop_cpu_s: float  # the server's main thread: uvicorn's event loop (HTTP, FastAPI, engine bookkeeping)
+    worker_cpu_s: float  # the server's child processes: the recommend worker process, if any
     client_cpu_s: float
     batches: float  # micro-batches the server ran during the cell (warm-up included)
     batch_items: float
@@ -672,9 +699,11 @@ class CellResult:
             "errors": self.errors,
             "server_cpu_ms_per_req": round(1000 * self.server_cpu_s / n, 3),
             "loop_cpu_ms_per_req": round(1000 * self.loop_cpu_s / n, 3),
+            "worker_cpu_ms_per_req": round(1000 * self.worker_cpu_s / n, 3),
             "client_cpu_ms_per_req": round(1000 * self.client_cpu_s / n, 3),
             "server_cpu_cores": round(self.server_cpu_s / self.duration_s, 3),
             "loop_cpu_cores": round(self.loop_cpu_s / self.duration_s, 3),
+            "worker_cpu_cores": round(self.worker_cpu_s / self.duration_s, 3),
             "client_cpu_cores": round(self.client_cpu_s / self.duration_s, 3),
             "mean_batch": round(self.batch_items / self.batches, 2) if self.batches else None,
             "drain_s": round(self.drain_s, 2),
@@ -729,12 +758,14 @@ async def run_cell(
 
     async def sampler() -> None:
         await asyncio.sleep(max(0.0, t_meas - time.perf_counter()))
-        (marks["srv0"], marks["loop0"]), marks["cli0"] = server.cpu_seconds(), time.process_time()
+        marks["srv0"], marks["loop0"], marks["wrk0"] = server.cpu_seconds()
+        marks["cli0"] = time.process_time()
         await asyncio.sleep(duration_s)
         while window["done"] < conc and time.perf_counter() < t_meas + max_window_s:
             await asyncio.sleep(0.02)
         window["end"] = time.perf_counter()
-        (marks["srv1"], marks["loop1"]), marks["cli1"] = server.cpu_seconds(), time.process_time()
+        marks["srv1"], marks["loop1"], marks["wrk1"] = server.cpu_seconds()
+        marks["cli1"] = time.process_time()
 
     tasks = [asyncio.ensure_future(client(i)) for i in range(conc)]
     samp = asyncio.ensure_future(sampler())
@@ -767,6 +798,7 @@ async def run_cell(
         lat,
         marks["srv1"] - marks["srv0"],
         marks["loop1"] - marks["loop0"],
+        marks["wrk1"] - marks["wrk0"],
         marks["cli1"] - marks["cli0"],
         bc1 - bc0,
         bs1 - bs0,
@@ -916,12 +948,14 @@ def print_table(summary: dict) -> None:
     print(f"bundle: {summary['bundle']}")
     print(f"machine: {summary['machine']}; device {summary['device']}; pin {summary['pin']}")
     print(
-        f"server torch/faiss threads {summary['torch_threads']}; load average before/after "
+        f"server torch/faiss threads {summary['torch_threads']}; recommend worker "
+        f"{summary['recommend_worker']}; load average before/after "
         f"{summary['loadavg'][0]:.2f}/{summary['loadavg'][1]:.2f}; commit {summary['commit']}"
     )
     head = (
         f"{'endpoint':<10} {'conc':>4} {'req/s':>9} {'items/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
-        f"{'err':>5} {'srv ms/req':>10} {'loop ms/req':>11} {'srv cores':>9} {'cli ms/req':>10} {'batch':>6}"
+        f"{'err':>5} {'srv ms/req':>10} {'loop ms/req':>11} {'wrk ms/req':>10} {'srv cores':>9} "
+        f"{'cli ms/req':>10} {'batch':>6}"
     )
     print(head)
     print("-" * len(head))
@@ -929,8 +963,8 @@ def print_table(summary: dict) -> None:
         print(
             f"{c['endpoint']:<10} {c['concurrency']:>4} {c['req_per_s']:>9.1f} {c['items_per_s']:>9.1f} "
             f"{c['p50_ms']:>8.2f} {c['p95_ms']:>8.2f} {c['p99_ms']:>8.2f} {sum(c['errors'].values()):>5} "
-            f"{c['server_cpu_ms_per_req']:>10.3f} {c['loop_cpu_ms_per_req']:>11.3f} {c['server_cpu_cores']:>9.2f} "
-            f"{c['client_cpu_ms_per_req']:>10.3f} "
+            f"{c['server_cpu_ms_per_req']:>10.3f} {c['loop_cpu_ms_per_req']:>11.3f} "
+            f"{c['worker_cpu_ms_per_req']:>10.3f} {c['server_cpu_cores']:>9.2f} {c['client_cpu_ms_per_req']:>10.3f} "
             f"{(c['mean_batch'] or 0):>6.1f}"
         )
     off = summary.get("offline")
@@ -1026,7 +1060,8 @@ async def run_cells(args, server: Server, key: str, work: Workload) -> list[dict
             print(
                 f"{label:<10} c={conc:<3} {s['req_per_s']:>8.1f} req/s  p50 {s['p50_ms']:.2f}  p99 {s['p99_ms']:.2f} ms  "
                 f"errors {s['errors'] or 0}  server {s['server_cpu_ms_per_req']:.3f} ms CPU/req "
-                f"(event loop {s['loop_cpu_ms_per_req']:.3f}; {s['server_cpu_cores']:.2f} cores), client {s['client_cpu_ms_per_req']:.3f} ms/req, "
+                f"(event loop {s['loop_cpu_ms_per_req']:.3f}, worker process {s['worker_cpu_ms_per_req']:.3f}; "
+                f"{s['server_cpu_cores']:.2f} cores), client {s['client_cpu_ms_per_req']:.3f} ms/req, "
                 f"batch {s['mean_batch']}",
                 flush=True,
             )
@@ -1115,6 +1150,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         ready = asyncio.run(server.wait_ready(timeout=600))
         print(f"server ready in {time.perf_counter() - t0:.1f} s: {ready}", flush=True)
+        status, body = asyncio.run(http_get(server.port, "/v1/info", key))
+        worker = json.loads(body).get("recommend_worker") if status == 200 else None
+        print(f"recommend worker: {worker}", flush=True)
         cells = asyncio.run(run_cells(args, server, key, work))
         server.stop()
         server = None
@@ -1145,6 +1183,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device,
         "pin": pin_note,
         "torch_threads": threads,
+        "recommend_worker": worker,
         "loadavg": [load0, loadavg()],
         "commit": commit,
         "settings": shown,
