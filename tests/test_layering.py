@@ -57,6 +57,7 @@ def test_training_commands_need_no_service_dependencies() -> None:
         "        raise ModuleNotFoundError(name)\n"
         "    return real(name, *a, **k)\n"
         "builtins.__import__ = guarded\n"
+        "import training.embed, training.evaluate, training.rat, training.scft, training.srs\n"
         "from llmemb.cli import build_parser\n"
         "args = build_parser().parse_args(['train', 'rat', '--method', 'LLMEmb'])\n"
         "print(args.method)\n"

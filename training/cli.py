@@ -517,8 +517,7 @@ def cmd_train_scft(args: argparse.Namespace) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from models.prompts import PromptConfig
-    from training.embed import catalog_prompts, embed_catalog, load_embedder
-    from training.export import prompt_metadata
+    from training.embed import catalog_prompts, embed_catalog, load_embedder, prompt_metadata
 
     if args.batch_size < 1:
         raise SystemExit(f"llmemb embed: --batch-size must be >= 1, got {args.batch_size}")

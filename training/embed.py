@@ -15,6 +15,7 @@ same config).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "llmemb.table"
 FORMAT_VERSION = "1"
+PROMPT_META = "prompt_config"  # table metadata key: the PromptConfig (JSON) the prompts were built with
 # Files of a model dir that decide its outputs (weights, architecture, tokenisation), hashed for the metadata.
 _MODEL_FILES = (
     "*.safetensors",
@@ -221,3 +223,20 @@ def embed_catalog(
     fsync_dir(out_path.parent)
     log.info("embedded %d items in %s s -> %s", len(ids), meta["seconds"], out_path)
     return table
+
+
+def prompt_metadata(prompt_cfg: PromptConfig) -> dict[str, str]:
+    """Extra table metadata recording the prompt config (`embed_catalog(..., extra_metadata=...)`)."""
+    return {PROMPT_META: json.dumps(dataclasses.asdict(prompt_cfg), sort_keys=True)}
+
+
+def prompt_config_of(meta: dict[str, str]) -> PromptConfig | None:
+    """The PromptConfig recorded in a table's metadata, or None."""
+    raw = meta.get(PROMPT_META)
+    if not raw:
+        return None
+    kw = json.loads(raw)
+    for key in ("attributes", "exclude"):
+        if isinstance(kw.get(key), list):
+            kw[key] = tuple(kw[key])
+    return PromptConfig(**kw)

@@ -44,35 +44,24 @@ from models.llm import SHIPPED_SOURCES, LLMConfig, shipped_alias
 from models.pca import PCA
 from models.prompts import PromptConfig
 from training.data.dataset import PreparedDataset
-from training.embed import catalog_prompts, load_table, lora_sha256, read_table_metadata, source_sha256
+from training.embed import (
+    catalog_prompts,
+    load_table,
+    lora_sha256,
+    prompt_config_of,
+    read_table_metadata,
+    source_sha256,
+)
 from training.srs import load_checkpoint
 
 log = logging.getLogger(__name__)
 
-PROMPT_META = "prompt_config"  # table metadata key: the PromptConfig (JSON) the prompts were built with
 # Methods whose cached item table is exactly adapter(PCA(llm table)): export checks the run against the table.
 _PLAIN_ADAPTER = ("LLMEmb", "LLMEmb w/o SCFT", "LLMEmb w/o align")
 
 
 class ExportError(ValueError):
     """The run, table, LoRA and dataset given to the export do not belong together."""
-
-
-def prompt_metadata(prompt_cfg: PromptConfig) -> dict[str, str]:
-    """Extra table metadata recording the prompt config (`embed_catalog(..., extra_metadata=...)`)."""
-    return {PROMPT_META: json.dumps(dataclasses.asdict(prompt_cfg), sort_keys=True)}
-
-
-def prompt_config_of(meta: dict[str, str]) -> PromptConfig | None:
-    """The PromptConfig recorded in a table's metadata, or None."""
-    raw = meta.get(PROMPT_META)
-    if not raw:
-        return None
-    kw = json.loads(raw)
-    for key in ("attributes", "exclude"):
-        if isinstance(kw.get(key), list):
-            kw[key] = tuple(kw[key])
-    return PromptConfig(**kw)
 
 
 def prompts_sha256(prompts: list[str]) -> str:

@@ -524,8 +524,13 @@ class Pipeline:
         return lora
 
     def embed(self, data: PreparedDataset, lora: Path | None) -> Path:
-        from training.embed import catalog_prompts, embed_catalog, load_embedder, source_sha256
-        from training.export import prompt_metadata
+        from training.embed import (
+            catalog_prompts,
+            embed_catalog,
+            load_embedder,
+            prompt_metadata,
+            source_sha256,
+        )
 
         clock = _Clock()
         llm_cfg = self.cfg.llm_config()

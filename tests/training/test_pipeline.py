@@ -250,7 +250,7 @@ def test_scft_and_embed_commands(base, tmp_path, capsys) -> None:
     assert meta["model_source"] == str(base / "llama") and meta["max_length"] == "32"
     assert meta["lora_sha256"] == training.embed.lora_sha256(lora)
     data = prepare(base / "toys", SplitConfig(user_core=3, item_core=1), cache_dir=base / "cache")
-    prompt = training.export.prompt_config_of(meta)
+    prompt = training.embed.prompt_config_of(meta)
     assert prompt == PromptConfig(instruction=data.instruction)
     assert meta["prompts_sha256"] == training.export.prompts_sha256(catalog_prompts(data, prompt))
 
