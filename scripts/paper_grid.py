@@ -149,6 +149,13 @@ def build_jobs(args: argparse.Namespace) -> list[Job]:
                         seed,
                     )
                 fuse(rdrop, "LLMEmb+ID rdrop0.5 + ID-SASRec", seed)
+                llm2x = f"{d}-sasrec-LLM2X-s{seed}"
+                for lab in (
+                    "LLMEmb",
+                    "LLMEmb w/o align",
+                ):  # frozen semantic table + trainable LLM-initialised one
+                    job = f"{d}-sasrec-{lab}-s{seed}".replace(" ", "_").replace("/", "")
+                    fuse(job, f"{lab} + LLM2X", seed, b_job=llm2x)
                 nxt = args.seeds[(args.seeds.index(seed) + 1) % len(args.seeds)]
                 if nxt != seed:
                     fuse(f"id-{d}-s{seed}", "ID-SASRec + ID-SASRec", seed, b_job=f"id-{d}-s{nxt}")
