@@ -79,6 +79,7 @@ def main() -> None:
     llm = args.llm
     if llm is None and (a_dir / "metrics.json").is_file():
         llm = json.loads((a_dir / "metrics.json").read_text())["llm"]
+    llm = llm or None  # "" = two ID models
     ev = Evaluator(data, args.seed)
     curve = []
     print("w      stage  | s-ov H@10 s-tail H@10 | full-ov H@10 N@10 | full-tail H@10 N@10")

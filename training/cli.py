@@ -62,6 +62,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "runs", nargs="+", type=Path, help="run directories or folders above them (searched recursively)"
     )
     col.add_argument("--results", type=Path, default=None, help="merge the records into this results.json")
+    col.add_argument(
+        "--ttest",
+        action="store_true",
+        help="also a paired t-test (over seeds) of every other method against the best of --baselines, per column",
+    )
+    col.add_argument("--baselines", nargs="+", default=["None", "LLM2X"], help="baseline method labels")
+    col.add_argument("--ttest-out", type=Path, default=None, help="write the t-test records as JSON here")
     col.set_defaults(func=cmd_report_collect)
     _register_report_figures(rep_sub)
 
@@ -212,15 +219,21 @@ def _report(
     args: argparse.Namespace, dataset: str, backbone: str, method: str, llm: str | None, per_seed
 ) -> int:
     """Print the mean ± std table over seeds and merge it into --results when given."""
-    from training.report import git_commit, markdown_table, merge_records, results_records
+    from training.report import git_commit, results_records
 
-    records = results_records(dataset, backbone, method, llm, per_seed, git_commit())
     print()
+    _print_records(args, results_records(dataset, backbone, method, llm, per_seed, git_commit()))
+    return 0
+
+
+def _print_records(args: argparse.Namespace, records: list[dict]) -> None:
+    """The markdown table of results records; merged into --results when given."""
+    from training.report import markdown_table, merge_records
+
     print(markdown_table(records))
     if args.results:
         merge_records(args.results, records)
         print(f"merged {len(records)} records into {args.results}")
-    return 0
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
@@ -658,14 +671,13 @@ def collect_runs(paths: list[Path]) -> dict[tuple, dict[int, dict]]:
         files = [root] if root.name == RUN_METRICS else sorted(Path(root).rglob(RUN_METRICS))
         for f in files:
             m = json.loads(f.read_text(encoding="utf-8"))
-            found.setdefault((m["dataset"], m["backbone"], m["method"], m["llm"]), {})[int(m["seed"])] = m[
-                "test"
-            ]
+            key = (m["dataset"], m["backbone"], m["method"], m["llm"] or None)  # "" (no LLM) reads as None
+            found.setdefault(key, {})[int(m["seed"])] = m["test"]
     return found
 
 
 def cmd_report_collect(args: argparse.Namespace) -> int:
-    from training.report import git_commit, markdown_table, merge_records, results_records
+    from training.report import git_commit, results_records
 
     groups = collect_runs(args.runs)
     if not groups:
@@ -677,10 +689,16 @@ def cmd_report_collect(args: argparse.Namespace) -> int:
         for (ds, bb, method, llm), per_seed in sorted(groups.items(), key=lambda kv: str(kv[0]))
         for r in results_records(ds, bb, method, llm, per_seed, commit)
     ]
-    print(markdown_table(records))
-    if args.results:
-        merge_records(args.results, records)
-        print(f"merged {len(records)} records into {args.results}")
+    _print_records(args, records)
+    if args.ttest:
+        from models.io import atomic_write_text
+        from training.report import ttest_table, ttest_vs_best_baseline
+
+        tests = ttest_vs_best_baseline(groups, args.baselines)
+        print(f"paired t-tests over seeds against the best of {args.baselines} (* p < 0.05):")
+        print(ttest_table(tests) or "(no method shares two seeds with a baseline)")
+        if args.ttest_out:
+            atomic_write_text(args.ttest_out, json.dumps(tests, indent=1) + "\n")
     return 0
 
 

@@ -228,3 +228,109 @@ def _json_default(o: Any) -> Any:
     if hasattr(o, "tolist"):  # numpy / torch scalars and arrays
         return o.tolist()
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+# ---- significance against the best baseline (the paper's Table 1 stars) ----------------------------------------
+PAPER_BASELINES = ("None", "LLM2X")
+
+
+def ttest_vs_best_baseline(
+    groups: Mapping[tuple, Mapping[int, Mapping[str, Any]]],
+    baselines: Iterable[str] = PAPER_BASELINES,
+    splits: Iterable[str] = ("overall", "tail"),
+    metrics: Iterable[str] = ("H@10", "N@10"),
+) -> list[dict]:
+    """Paired two-sided t-tests over seeds of every non-baseline method against the best baseline, per column.
+
+    `groups`: {(dataset, backbone, method, llm): {seed: Evaluator.evaluate result}} (`collect_runs`). Within one
+    (dataset, backbone), for each (protocol, split, metric) the best baseline is the baseline method with the
+    highest mean over the seeds it shares with the method (a baseline run with another LLM counts too: "None"
+    has none). Pairs are seeds: the same seed means the same evaluation negatives and, for the aligned methods,
+    the ID-SASRec of that seed. Returns one record per (dataset, backbone, method, llm, protocol, split, metric):
+    {..., "baseline", "baseline_llm", "seeds", "mean", "baseline_mean", "delta", "t", "p"}; columns with fewer
+    than two shared seeds are left out.
+    """
+    from training.evaluate import paired_ttest
+
+    baselines = tuple(baselines)
+    splits, metrics = tuple(splits), tuple(metrics)
+    out: list[dict] = []
+    for (ds, bb, method, llm), runs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        if method in baselines:
+            continue
+        candidates = [(k, v) for k, v in groups.items() if k[0] == ds and k[1] == bb and k[2] in baselines]
+        protocols = set.intersection(*(set(r) for r in runs.values()))
+        for protocol in sorted(protocols, key=_order(_PROTOCOL_ORDER)):
+            for split in splits:
+                for metric in metrics:
+                    best = None
+                    for key, base in candidates:
+                        seeds = sorted(
+                            s
+                            for s in set(runs) & set(base)
+                            if protocol in base[s]
+                            and base[s][protocol].get(split) is not None
+                            and runs[s][protocol].get(split) is not None
+                        )
+                        if len(seeds) < 2:
+                            continue
+                        b = [base[s][protocol][split][metric] for s in seeds]
+                        if best is None or sum(b) / len(b) > best[2]:
+                            best = (key, seeds, sum(b) / len(b), b)
+                    if best is None:
+                        continue
+                    key, seeds, base_mean, b = best
+                    a = [runs[s][protocol][split][metric] for s in seeds]
+                    t, p = paired_ttest(a, b)
+                    mean = sum(a) / len(a)
+                    out.append(
+                        {
+                            "dataset": ds,
+                            "backbone": bb,
+                            "method": method,
+                            "llm": llm,
+                            "protocol": protocol,
+                            "split": split,
+                            "metric": metric,
+                            "baseline": key[2],
+                            "baseline_llm": key[3],
+                            "seeds": seeds,
+                            "mean": mean,
+                            "baseline_mean": base_mean,
+                            "delta": mean - base_mean,
+                            "t": t,
+                            "p": p,
+                        }
+                    )
+    return out
+
+
+def ttest_table(tests: Iterable[Mapping[str, Any]], alpha: float = 0.05) -> str:
+    """Markdown: one row per method, one column per (protocol, split, metric); a cell reads "+0.0123 vs LLM2X
+    (p 0.012)*" (difference of means to the best baseline, "*" where p < alpha). "" for no tests."""
+    tests = list(tests)
+    if not tests:
+        return ""
+    cols = sorted(
+        {(t["protocol"], t["split"], t["metric"]) for t in tests},
+        key=lambda c: (
+            _order(_PROTOCOL_ORDER)(c[0]),
+            _order(_SPLIT_ORDER)(c[1]),
+            _order(_METRIC_ORDER)(c[2]),
+        ),
+    )
+    cells: dict[tuple, dict[tuple, str]] = {}
+    for t in tests:
+        row = (t["dataset"], t["backbone"], t["method"], t.get("llm"))
+        star = "*" if t["p"] < alpha else ""
+        cells.setdefault(row, {})[(t["protocol"], t["split"], t["metric"])] = (
+            f"{t['delta']:+.4f} vs {t['baseline']} (p {t['p']:.3f}){star}"
+        )
+    head = ["dataset", "backbone", "method", *(" ".join(c) for c in cols)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * len(cols)) + "|"]
+    for row in sorted(cells, key=lambda r: (r[0], r[1], r[2], r[3] or "")):
+        method = row[2] if row[3] is None else f"{row[2]} ({row[3]})"
+        lines.append(
+            "| " + " | ".join([row[0], row[1], method, *(cells[row].get(c, "—") for c in cols)]) + " |"
+        )
+    return "\n".join(lines) + "\n"

@@ -11,12 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from training.evaluate import paired_ttest
 from training.report import (
     git_commit,
     markdown_table,
     merge_benchmarks,
     merge_records,
     results_records,
+    ttest_table,
+    ttest_vs_best_baseline,
 )
 
 
@@ -156,3 +159,41 @@ def test_git_commit(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("2")
     assert git_commit(tmp_path) == sha + "-dirty"
     assert git_commit() != ""  # this checkout: a sha, or "unknown" when run outside git
+
+
+def full_only(h: float) -> dict:
+    return {"full": summary(h, h / 2, (h / 4, h / 8))}
+
+
+def test_ttest_picks_the_best_baseline_per_column_and_pairs_by_seed() -> None:
+    none = {42: full_only(0.10), 43: full_only(0.12), 44: full_only(0.11)}
+    llm2x = {42: full_only(0.20), 43: full_only(0.21), 44: full_only(0.25)}
+    method = {42: full_only(0.30), 43: full_only(0.28), 44: full_only(0.33), 45: full_only(0.9)}
+    other_ds = {42: full_only(0.99), 43: full_only(0.99)}  # another dataset's baseline never counts
+    groups = {
+        ("ml-100k", "sasrec", "None", None): none,
+        ("ml-100k", "sasrec", "LLM2X", "m"): llm2x,
+        ("ml-100k", "sasrec", "LLMEmb", "m"): method,
+        ("beauty", "sasrec", "LLM2X", "m"): other_ds,
+    }
+    tests = ttest_vs_best_baseline(groups)
+    assert {t["method"] for t in tests} == {"LLMEmb"}  # baselines are not tested against themselves
+    assert len(tests) == 4  # full x (overall, tail) x (H@10, N@10)
+    t = next(t for t in tests if t["split"] == "overall" and t["metric"] == "H@10")
+    assert t["baseline"] == "LLM2X" and t["baseline_llm"] == "m"
+    assert t["seeds"] == [42, 43, 44]  # seed 45 has no partner
+    assert t["mean"] == pytest.approx((0.30 + 0.28 + 0.33) / 3)
+    assert t["delta"] == pytest.approx(t["mean"] - (0.20 + 0.21 + 0.25) / 3)
+    assert (t["t"], t["p"]) == pytest.approx(paired_ttest([0.30, 0.28, 0.33], [0.20, 0.21, 0.25]))
+    table = ttest_table(tests)
+    assert "vs LLM2X (p " in table and "LLMEmb (m)" in table
+    assert ("*" in table) == any(x["p"] < 0.05 for x in tests)
+
+
+def test_ttest_needs_two_shared_seeds() -> None:
+    groups = {
+        ("d", "sasrec", "None", None): {42: full_only(0.1)},
+        ("d", "sasrec", "LLMEmb", "m"): {42: full_only(0.2), 43: full_only(0.3)},
+    }
+    assert ttest_vs_best_baseline(groups) == []
+    assert ttest_table([]) == ""
