@@ -63,6 +63,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     col.add_argument("--results", type=Path, default=None, help="merge the records into this results.json")
     col.add_argument(
+        "--commit",
+        default=None,
+        help="commit recorded (default: this checkout's; give the one the runs used)",
+    )
+    col.add_argument(
         "--ttest",
         action="store_true",
         help="also a paired t-test (over seeds) of every other method against the best of --baselines, per column",
@@ -683,7 +688,7 @@ def cmd_report_collect(args: argparse.Namespace) -> int:
     if not groups:
         print(f"no {RUN_METRICS} found under {[str(p) for p in args.runs]}")
         return 1
-    commit = git_commit()
+    commit = args.commit or git_commit()
     records = [
         r
         for (ds, bb, method, llm), per_seed in sorted(groups.items(), key=lambda kv: str(kv[0]))

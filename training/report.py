@@ -91,7 +91,8 @@ def merge_benchmarks(path: str | Path, records: Iterable[Mapping[str, Any]]) -> 
 
 
 def markdown_table(records: Iterable[Mapping[str, Any]]) -> str:
-    """A markdown table: one row per (dataset, backbone, method[, llm]), one column per protocol × split × metric.
+    """A markdown table: one row per (dataset, backbone, method[, llm]) with the seeds it has, one column per
+    protocol × split × metric.
 
     Cells read "0.1234 ± 0.0012"; a missing number is "—". The ID-only row ("None") comes first in each block.
     Returns "" for no records.
@@ -108,18 +109,21 @@ def markdown_table(records: Iterable[Mapping[str, Any]]) -> str:
         ),
     )
     cells: dict[tuple, dict[tuple, str]] = {}
+    seeds: dict[tuple, set[int]] = {}
     for r in records:
         row = (r["dataset"], r["backbone"], r["method"], r.get("llm"))
         cells.setdefault(row, {})[(r["protocol"], r["split"], r["metric"])] = _cell(
             r.get("mean"), r.get("std")
         )
+        seeds.setdefault(row, set()).update(r.get("seeds") or ())
     rows = sorted(cells, key=lambda row: (row[0], row[1], row[2] != "None", row[2], row[3] or ""))
-    head = ["dataset", "backbone", "method", *(" ".join(c) for c in cols)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * len(cols)) + "|"]
+    head = ["dataset", "backbone", "method", "seeds", *(" ".join(c) for c in cols)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * len(cols)) + "|"]
     for row in rows:
         method = row[2] if row[3] is None else f"{row[2]} ({row[3]})"
         values = [cells[row].get(c, "—") for c in cols]
-        lines.append("| " + " | ".join([row[0], row[1], method, *values]) + " |")
+        used = ",".join(str(x) for x in sorted(seeds[row])) or "—"
+        lines.append("| " + " | ".join([row[0], row[1], method, used, *values]) + " |")
     return "\n".join(lines) + "\n"
 
 

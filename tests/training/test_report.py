@@ -126,10 +126,10 @@ def test_markdown_table_layout() -> None:
         record(split="tail", protocol="full", metric="N@10", mean=None, std=None),
     ]
     assert markdown_table(recs) == (
-        "| dataset | backbone | method | sampled100 overall H@10 | sampled100 overall N@10 | full tail N@10 |\n"
-        "|---|---|---|---:|---:|---:|\n"
-        "| ml-100k | sasrec | None | 0.5000 ± 0.0100 | 0.2500 ± 0.0000 | — |\n"
-        "| ml-100k | sasrec | LLMEmb (smollm2) | 0.6123 ± 0.0012 | — | — |\n"
+        "| dataset | backbone | method | seeds | sampled100 overall H@10 | sampled100 overall N@10 | full tail N@10 |\n"
+        "|---|---|---|---|---:|---:|---:|\n"
+        "| ml-100k | sasrec | None | 42,43,44 | 0.5000 ± 0.0100 | 0.2500 ± 0.0000 | — |\n"
+        "| ml-100k | sasrec | LLMEmb (smollm2) | 42,43,44 | 0.6123 ± 0.0012 | — | — |\n"
     )
     assert markdown_table([]) == ""
 
