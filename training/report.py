@@ -90,6 +90,18 @@ def merge_benchmarks(path: str | Path, records: Iterable[Mapping[str, Any]]) -> 
     return _merge(path, records, BENCH_KEY, BENCH_FIELDS)
 
 
+def _columns(rows: Iterable[Mapping[str, Any]]) -> list[tuple[str, str, str]]:
+    """The distinct (protocol, split, metric) of records, in the canonical column order."""
+    return sorted(
+        {(r["protocol"], r["split"], r["metric"]) for r in rows},
+        key=lambda c: (
+            _order(_PROTOCOL_ORDER)(c[0]),
+            _order(_SPLIT_ORDER)(c[1]),
+            _order(_METRIC_ORDER)(c[2]),
+        ),
+    )
+
+
 def markdown_table(records: Iterable[Mapping[str, Any]]) -> str:
     """A markdown table: one row per (dataset, backbone, method[, llm]) with the seeds it has, one column per
     protocol × split × metric.
@@ -100,14 +112,7 @@ def markdown_table(records: Iterable[Mapping[str, Any]]) -> str:
     records = list(records)
     if not records:
         return ""
-    cols = sorted(
-        {(r["protocol"], r["split"], r["metric"]) for r in records},
-        key=lambda c: (
-            _order(_PROTOCOL_ORDER)(c[0]),
-            _order(_SPLIT_ORDER)(c[1]),
-            _order(_METRIC_ORDER)(c[2]),
-        ),
-    )
+    cols = _columns(records)
     cells: dict[tuple, dict[tuple, str]] = {}
     seeds: dict[tuple, set[int]] = {}
     for r in records:
@@ -315,14 +320,7 @@ def ttest_table(tests: Iterable[Mapping[str, Any]], alpha: float = 0.05) -> str:
     tests = list(tests)
     if not tests:
         return ""
-    cols = sorted(
-        {(t["protocol"], t["split"], t["metric"]) for t in tests},
-        key=lambda c: (
-            _order(_PROTOCOL_ORDER)(c[0]),
-            _order(_SPLIT_ORDER)(c[1]),
-            _order(_METRIC_ORDER)(c[2]),
-        ),
-    )
+    cols = _columns(tests)
     cells: dict[tuple, dict[tuple, str]] = {}
     for t in tests:
         row = (t["dataset"], t["backbone"], t["method"], t.get("llm"))
