@@ -7,6 +7,8 @@ Jobs, with their dependencies:
   tables-<ds>            scripts/llm_tables.py: raw + SCFT LLM tables (LLM2X / w/o SCFT use raw, the rest SCFT)
   id-<ds>-s<seed>        ID-SASRec (`llmemb train srs`), the alignment target of RAT
   <ds>-<bb>-<method>-s<seed>   `llmemb train rat` (needs the tables; aligned methods also need id-<ds>-s<seed>)
+  fuse-<job>[-<job b>]   scripts/fusion_eval.py: score fusion of a finished run with the ID-SASRec of its seed (or
+                         with job b), the weight chosen on validation (`--variants`, on by default)
 
 Every job writes into WORK/jobs/<name>/ and counts as done when a metrics.json (RAT / ID) or llm_scft.safetensors
 (tables) is there, so rerunning the same command skips finished work: a grid too big for one sitting is finished by
@@ -14,6 +16,13 @@ running it again. `--deadline S` stops launching jobs S seconds after the start 
 S + `--grace`; killed jobs start from scratch next time
 (`--detach` leaves them running for the next sitting instead). At the end the metrics.json files of finished runs are
 collected with `llmemb report collect` and, with `--copy-to DIR`, copied there (tables too, as float16).
+
+Several GPUs: `--gpus N` gives each job one card, round robin. A second LLM's grid beside the first (own --work)
+shares the first one's ID-SASRec runs with `--reuse-ids FIRST_WORK` instead of training them again:
+
+    python scripts/paper_grid.py --work /tmp/gs --llm smollm2 --llm-name SmolLM2-135M-Instruct ... --gpus 4 &
+    python scripts/paper_grid.py --work /tmp/gm --llm minilm --llm-name all-MiniLM-L6-v2 ... --gpus 4 \
+        --reuse-ids /tmp/gs
 """
 
 from __future__ import annotations
@@ -194,6 +203,13 @@ def main(argv: list[str] | None = None) -> int:
         "--gpus", type=int, default=1, help="spread jobs over this many GPUs (CUDA_VISIBLE_DEVICES)"
     )
     p.add_argument(
+        "--reuse-ids",
+        type=Path,
+        default=None,
+        help="take the ID-SASRec runs (id-<ds>-s<seed>) from this other grid's work dir (linked once done there) "
+        "instead of training them again: a second LLM's grid running beside the first shares its ID models",
+    )
+    p.add_argument(
         "--variants",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -258,9 +274,25 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{elapsed:6.0f}s] killed {j.name} at the deadline")
             break
         launch = args.deadline is None or elapsed < args.deadline
+        if (
+            args.reuse_ids
+        ):  # the ID-SASRec runs come from another grid's work dir, as soon as they are done there
+            for j in [j for j in pending if j.name.startswith("id-")]:
+                src = (args.reuse_ids / "jobs" / j.name).resolve()
+                if any(src.glob(j.done_file)):
+                    dst = args.work / "jobs" / j.name
+                    if dst.is_symlink() or (dst.is_dir() and not any(dst.iterdir())):
+                        dst.unlink() if dst.is_symlink() else dst.rmdir()
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    dst.symlink_to(src, target_is_directory=True)
+                    pending.remove(j)
+                    finished.add(j.name)
+                    print(f"[{elapsed:6.0f}s] reused {j.name} from {src}")
         for j in list(pending):
             if not launch or len(running) >= args.parallel:
                 break
+            if args.reuse_ids and j.name.startswith("id-"):
+                continue  # waits for the other grid
             if any(d in failed for d in j.deps):
                 pending.remove(j)
                 failed.add(j.name)
