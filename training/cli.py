@@ -699,7 +699,7 @@ def cmd_report_collect(args: argparse.Namespace) -> int:
         from models.io import atomic_write_text
         from training.report import ttest_table, ttest_vs_best_baseline
 
-        tests = ttest_vs_best_baseline(groups, args.baselines)
+        tests = [t | {"commit": commit} for t in ttest_vs_best_baseline(groups, args.baselines)]
         print(f"paired t-tests over seeds against the best of {args.baselines} (* p < 0.05):")
         print(ttest_table(tests) or "(no method shares two seeds with a baseline)")
         if args.ttest_out:
