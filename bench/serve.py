@@ -280,13 +280,10 @@ def build_synthetic(name: str, work: Path, seed: int = 0) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
 
-    from models.adapter import Adapter, AdapterConfig
-    from models.bundle import BundleParts, save_bundle
-    from models.llm import LLMConfig, LLMEmbedder, LoraSettings, apply_lora, merge_lora, save_lora
-    from models.pca import PCA
+    from models.bundle import save_bundle, untrained_parts
+    from models.llm import LLMConfig, LLMEmbedder, LoraSettings, random_lora
     from models.prompts import PromptConfig, build_prompt
-    from models.srs import SRSConfig, build_backbone
-    from models.srs.base import FrozenTableEncoder
+    from models.srs import SRSConfig
 
     spec = SYNTHETIC[name]
     start = time.perf_counter()
@@ -330,41 +327,20 @@ def build_synthetic(name: str, work: Path, seed: int = 0) -> Path:
     prompt = PromptConfig(instruction=spec.instruction, max_value_chars=1000)
 
     embedder = LLMEmbedder(LLMConfig(source=str(llm_dir), max_length=spec.max_length, device="cpu"))
-    embedder.model = apply_lora(
-        embedder.model, LoraSettings(r=spec.lora_r, alpha=2 * spec.lora_r, dropout=0.0)
-    )
-    with torch.no_grad():  # lora_B starts at zero: give it values so the merge changes the weights
-        for pname, p in embedder.model.named_parameters():
-            if "lora_B" in pname:
-                p.normal_(0, 0.02)
     lora_dir = work / "lora"
-    save_lora(embedder.model, lora_dir)
-    embedder.model = merge_lora(embedder.model).eval()
+    settings = LoraSettings(r=spec.lora_r, alpha=2 * spec.lora_r, dropout=0.0)
+    embedder.model = random_lora(embedder.model, settings, 0.02, lora_dir)
     d = embedder.hidden_size
     real = embedder.embed([build_prompt(a, prompt) for _, a in items[:32]])  # (32, d)
     del embedder
     llm = torch.zeros(n + 1, d)
     llm[1:] = real.mean(0) + real.std(0) * torch.randn(n, d)
     llm[1 : 1 + len(real)] = real
-    pca = PCA.fit(llm[1:], k=spec.pca_k)
-    pca_table = torch.zeros(n + 1, spec.pca_k)
-    pca_table[1:] = pca.transform(llm[1:])
-    adapter_cfg = AdapterConfig(d_in=spec.pca_k, d_out=spec.item_dim)
-    adapter = Adapter(adapter_cfg).eval()
-    with torch.no_grad():
-        item = adapter(pca_table)
-        item[0] = 0
-    srs_cfg = SRSConfig(n_items=n, **spec.srs)
-    backbone = build_backbone("sasrec", srs_cfg, FrozenTableEncoder(item)).eval()
-    parts = BundleParts(
-        items=items,
-        tables={"llm": llm, "pca": pca_table, "item": item},
-        pca=pca,
-        adapter_state=adapter.state_dict(),
-        adapter_config=adapter_cfg,
-        srs_backbone="sasrec",
-        srs_state=backbone.state_dict(),
-        srs_config=dataclasses.asdict(srs_cfg),
+    parts = untrained_parts(
+        items,
+        llm,
+        pca_k=spec.pca_k,
+        srs_config=SRSConfig(n_items=n, **spec.srs),
         lora_dir=lora_dir,
         configs={
             "prompt": dataclasses.asdict(prompt),

@@ -133,6 +133,48 @@ class BundleParts:
     git_sha: str | None = None  # None -> read from the repository, if there is one
 
 
+def untrained_parts(
+    items: list[tuple[str, dict[str, Any]]],
+    llm: torch.Tensor,
+    *,
+    pca_k: int,
+    srs_config: Any,
+    configs: dict[str, dict[str, Any]],
+    lora_dir: Path | None = None,
+    **fields: Any,
+) -> BundleParts:
+    """A complete bundle around a catalog's LLM table (n_items + 1, d) with untrained heads: the PCA fitted on the
+    table, a freshly initialised Eq. 6 adapter to ``srs_config.hidden`` and an untrained SASRec over the frozen item
+    table. For benchmarks and tests, which need the real shapes and code paths, not trained weights; ``fields`` go
+    to ``BundleParts`` (dataset, metrics, base_llm, git_sha)."""
+    from models.srs import build_backbone
+    from models.srs.base import FrozenTableEncoder
+
+    n = llm.shape[0] - 1
+    pca = PCA.fit(llm[1:], k=pca_k)
+    pca_table = torch.zeros(n + 1, pca_k)
+    pca_table[1:] = pca.transform(llm[1:])
+    adapter_cfg = AdapterConfig(d_in=pca_k, d_out=srs_config.hidden)
+    adapter = Adapter(adapter_cfg).eval()
+    with torch.no_grad():
+        item = adapter(pca_table)
+    item[0] = 0
+    backbone = build_backbone("sasrec", srs_config, FrozenTableEncoder(item)).eval()
+    return BundleParts(
+        items=items,
+        tables={"llm": llm, "pca": pca_table, "item": item},
+        pca=pca,
+        adapter_state=adapter.state_dict(),
+        adapter_config=adapter_cfg,
+        srs_backbone="sasrec",
+        srs_state=backbone.state_dict(),
+        srs_config=dataclasses.asdict(srs_config),
+        lora_dir=lora_dir,
+        configs=configs,
+        **fields,
+    )
+
+
 def save_bundle(
     root: str | os.PathLike, parts: BundleParts, bundle_id: str | None = None, set_current: bool = True
 ) -> Path:

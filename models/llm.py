@@ -415,6 +415,22 @@ def save_lora(model: nn.Module, directory: str | os.PathLike) -> None:
     model.save_pretrained(str(directory))
 
 
+def random_lora(
+    model: nn.Module, settings: LoraSettings, std: float, directory: str | os.PathLike
+) -> nn.Module:
+    """Attach a LoRA with random ``lora_B`` (peft starts it at zero, a no-op), save it to ``directory`` and return
+    the model with it merged: an "SCFT-tuned" model in real shapes for benchmarks and tests, no training needed."""
+    import torch
+
+    model = apply_lora(model, settings)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)
+    save_lora(model, directory)
+    return merge_lora(model).eval()
+
+
 def load_lora(model: nn.Module, directory: str | os.PathLike, trainable: bool = False):
     """Attach a saved peft LoRA adapter to ``model``."""
     from peft import PeftModel

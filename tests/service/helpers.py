@@ -26,10 +26,8 @@ import httpx
 import numpy as np
 import torch
 
-from models.adapter import Adapter, AdapterConfig
-from models.bundle import BundleParts
-from models.llm import LLMConfig, LLMEmbedder, LoraSettings, apply_lora, merge_lora, save_lora
-from models.pca import PCA
+from models.bundle import BundleParts, untrained_parts
+from models.llm import LLMConfig, LLMEmbedder, LoraSettings, random_lora
 from models.prompts import PromptConfig, build_prompt
 from models.srs import SRSConfig, build_backbone
 from models.srs.base import FrozenTableEncoder
@@ -78,34 +76,15 @@ def make_parts(workdir: Path, llm_dir: Path, seed: int, with_llm: bool = True) -
         )
     llm_cfg = LLMConfig(source=str(llm_dir), max_length=48, device="cpu")
     embedder = LLMEmbedder(llm_cfg)
-    embedder.model = apply_lora(embedder.model, LoraSettings(r=4, alpha=8, dropout=0.0))
-    with torch.no_grad():  # a LoRA that changes the outputs (lora_B starts at zero)
-        for name, p in embedder.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
     lora_dir = workdir / f"lora-{seed}"
-    save_lora(embedder.model, lora_dir)
-    embedder.model = merge_lora(embedder.model).eval()
+    embedder.model = random_lora(embedder.model, LoraSettings(r=4, alpha=8, dropout=0.0), 0.5, lora_dir)
     llm = torch.zeros(N_ITEMS + 1, embedder.hidden_size)
     llm[1:] = embedder.embed([build_prompt(a, prompt) for _, a in items])
-    pca = PCA.fit(llm[1:], k=D_M)
-    pca_table = torch.zeros(N_ITEMS + 1, D_M)
-    pca_table[1:] = pca.transform(llm[1:])
-    adapter_cfg = AdapterConfig(d_in=D_M, d_out=HIDDEN)
-    adapter = Adapter(adapter_cfg).eval()
-    with torch.no_grad():
-        item = adapter(pca_table)
-    item[0] = 0
-    model = build_backbone("sasrec", cfg, FrozenTableEncoder(item)).eval()
-    return BundleParts(
-        items=items,
-        tables={"llm": llm, "pca": pca_table, "item": item},
-        pca=pca,
-        adapter_state=adapter.state_dict(),
-        adapter_config=adapter_cfg,
-        srs_backbone="sasrec",
-        srs_state=model.state_dict(),
-        srs_config=dataclasses.asdict(cfg),
+    return untrained_parts(
+        items,
+        llm,
+        pca_k=D_M,
+        srs_config=cfg,
         lora_dir=lora_dir,
         configs={
             "prompt": dataclasses.asdict(prompt),
