@@ -6,6 +6,7 @@
 Jobs, with their dependencies:
   tables-<ds>            scripts/llm_tables.py: raw + SCFT LLM tables (LLM2X / w/o SCFT use raw, the rest SCFT)
   id-<ds>-s<seed>        ID-SASRec (`llmemb train srs`), the alignment target of RAT
+  id-<ds>-ce-s<seed>     ID-SASRec trained with the catalog-softmax loss (`--loss ce`, a variant)
   <ds>-<bb>-<method>-s<seed>   `llmemb train rat` (needs the tables; aligned methods also need id-<ds>-s<seed>)
   fuse-<job>[-<job b>]   scripts/fusion_eval.py: score fusion of a finished run with the ID-SASRec of its seed (or
                          with job b), the weight chosen on validation (`--variants`, on by default)
@@ -39,6 +40,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKBONES = ("sasrec", "gru4rec", "bert4rec")
+
+
+def job_slug(text: str) -> str:
+    """A job name from a run label: spaces to underscores, no slashes or brackets."""
+    return text.replace(" ", "_").translate(str.maketrans("", "", "/()"))
 
 
 @dataclass
@@ -84,21 +90,21 @@ def build_jobs(args: argparse.Namespace) -> list[Job]:
             )
         )
         raw, tuned = tdir / "llm_raw.safetensors", tdir / "llm_scft.safetensors"
-        for seed in args.seeds:
+
+        def id_run(seed: int, tag: str = "", extra=(), d=d, ds=ds) -> None:
+            """ID-SASRec (`id-<ds>[-<tag>]-s<seed>`); the untagged one is RAT's alignment target."""
+            name = f"id-{d}{'-' + tag if tag else ''}-s{seed}"
+            argv = llmemb + ["train", "srs", "--dataset", ds, "--backbone", "sasrec", "--seeds", str(seed)]
             jobs.append(
-                Job(
-                    f"id-{d}-s{seed}",
-                    llmemb
-                    + ["train", "srs", "--dataset", ds, "--backbone", "sasrec", "--seeds", str(seed)]
-                    + ["--out", str(work / f"id-{d}-s{seed}")]
-                    + common,
-                    "**/metrics.json",
-                )
+                Job(name, argv + ["--out", str(work / name)] + common + list(extra), "**/metrics.json")
             )
+
+        for seed in args.seeds:
+            id_run(seed)
 
         def rat(bb: str, method: str, seed: int, table: Path, label: str | None = None, extra=(), d=d, ds=ds):
             lab = label or method
-            name = f"{d}-{bb}-{lab}-s{seed}".replace(" ", "_").replace("/", "")
+            name = job_slug(f"{d}-{bb}-{lab}-s{seed}")
             aligned = method not in ("LLM2X", "LLMEmb w/o adapter", "LLMEmb w/o align", "None")
             id_dir = work / f"id-{d}-s{seed}" / d / "sasrec" / f"seed{seed}"
             argv = llmemb + ["train", "rat", "--dataset", ds, "--backbone", bb, "--seeds", str(seed)]
@@ -153,7 +159,7 @@ def build_jobs(args: argparse.Namespace) -> list[Job]:
                 rat("sasrec", "LLMEmb", seed, tuned, label="LLMEmb alpha=0.1", extra=("--alpha", "0.1"))
                 for lab in ("LLMEmb", "LLM2X", "LLMEmb w/o align", "LLMEmb+ID"):
                     fuse(
-                        f"{d}-sasrec-{lab}-s{seed}".replace(" ", "_").replace("/", ""),
+                        job_slug(f"{d}-sasrec-{lab}-s{seed}"),
                         f"{lab} + ID-SASRec",
                         seed,
                     )
@@ -163,8 +169,20 @@ def build_jobs(args: argparse.Namespace) -> list[Job]:
                     "LLMEmb",
                     "LLMEmb w/o align",
                 ):  # frozen semantic table + trainable LLM-initialised one
-                    job = f"{d}-sasrec-{lab}-s{seed}".replace(" ", "_").replace("/", "")
+                    job = job_slug(f"{d}-sasrec-{lab}-s{seed}")
                     fuse(job, f"{lab} + LLM2X", seed, b_job=llm2x)
+                # The catalog-softmax loss instead of BCE with one sampled negative, for the ID baseline and the
+                # LLM rows alike (aligned runs keep the BCE ID-SASRec as their target): a sampled negative is
+                # rarely a popular item, so BCE never teaches a frozen semantic table to rank those.
+                ce = ("--loss", "ce")
+                id_run(seed, "ce", ce + ("--label", "None (CE)"))
+                for lab, m, table in (
+                    ("LLMEmb", "LLMEmb", tuned),
+                    ("LLM2X", "LLM2X", raw),
+                    ("LLMEmb w/o align", "LLMEmb w/o align", tuned),
+                    ("LLMEmb+ID", "LLMEmb+ID", tuned),
+                ):
+                    rat("sasrec", m, seed, table, label=f"{lab} (CE)", extra=ce)
                 nxt = args.seeds[(args.seeds.index(seed) + 1) % len(args.seeds)]
                 if nxt != seed:
                     fuse(f"id-{d}-s{seed}", "ID-SASRec + ID-SASRec", seed, b_job=f"id-{d}-s{nxt}")

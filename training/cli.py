@@ -26,6 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _add_data_args(srs)
     _add_srs_args(srs)
+    srs.add_argument(
+        "--label",
+        default="None",
+        help="method label recorded in metrics.json (default 'None', the paper's name for the ID baseline); "
+        "name variants apart, e.g. 'None (CE)' for --loss ce",
+    )
     srs.set_defaults(func=cmd_train_srs)
 
     rat = train_sub.add_parser(
@@ -110,6 +116,13 @@ def _add_srs_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dropout", type=float, default=0.5, help="dropout rate")
     p.add_argument(
         "--max-len", type=int, default=200, help="maximum sequence length (most recent items kept)"
+    )
+    p.add_argument(
+        "--loss",
+        default="bce",
+        choices=["bce", "ce"],
+        help="SASRec / GRU4Rec training loss: bce = one sampled negative per position (the reference), "
+        "ce = softmax cross-entropy over the whole catalog (Bert4Rec always uses the latter)",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument(
@@ -204,6 +217,7 @@ def _srs_train_config(args: argparse.Namespace, seed: int):
         n_heads=args.heads,
         dropout=args.dropout,
         max_len=args.max_len,
+        loss=args.loss,
         device=args.device,
     )
 
@@ -261,8 +275,8 @@ def cmd_train_srs(args: argparse.Namespace) -> int:
         result = main(cfg, data)
         out = args.out / data.name / args.backbone / f"seed{seed}"
         save_checkpoint(result.model, cfg, out, data=data)
-        per_seed[seed] = _finish_run(out, data.name, args.backbone, "None", None, seed, result)
-    return _report(args, data.name, args.backbone, "None", None, per_seed)
+        per_seed[seed] = _finish_run(out, data.name, args.backbone, args.label, None, seed, result)
+    return _report(args, data.name, args.backbone, args.label, None, per_seed)
 
 
 def cmd_train_rat(args: argparse.Namespace) -> int:

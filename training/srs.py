@@ -68,6 +68,8 @@ class SRSTrainConfig:
     max_len: int = 200
     # Bert4Rec only. The BERT4Rec paper tunes 0.2 on MovieLens; the LLMEmb reference defaults to 0.6.
     mask_prob: float = 0.2
+    # next-item loss of SASRec / GRU4Rec: "bce" (one sampled negative, the reference) | "ce" (catalog softmax)
+    loss: str = "bce"
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -97,6 +99,7 @@ class SRSTrainConfig:
             n_heads=self.n_heads,
             dropout=self.dropout,
             max_len=self.max_len,
+            loss=self.loss,
         )
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+LOSSES = ("bce", "ce")
+
 
 @dataclass(frozen=True)
 class SRSConfig:
@@ -29,8 +31,13 @@ class SRSConfig:
     n_heads: int = 1
     dropout: float = 0.5  # the reference's value; high, but ml-100k / Beauty overfit fast without it
     max_len: int = 200
+    # Next-item backbones (SASRec, GRU4Rec): "bce" = one sampled negative per position (the SASRec / LLMEmb
+    # reference), "ce" = softmax cross-entropy over the whole catalog. Bert4Rec's cloze loss is always the latter.
+    loss: str = "bce"
 
     def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, not {self.loss!r}")
         if self.n_items < 1:
             raise ValueError("n_items must be >= 1")
         if self.hidden % self.n_heads:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from models.srs.base import IDEncoder, ItemEncoder, SRSBackbone, SRSConfig
-from models.srs.sasrec import next_item_bce
+from models.srs.sasrec import next_item_loss
 
 
 def _rotate(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -67,6 +67,4 @@ class GRU4Rec(SRSBackbone):
         return self.sequence_states(seq)[:, -1]  # (B, D): state after the most recent item
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        w = self.config.max_len
-        states = self.sequence_states(batch["seq"])
-        return next_item_bce(states, self.item_encoder, batch["pos"][:, -w:], batch["neg"][:, -w:])
+        return next_item_loss(self.config, self.sequence_states(batch["seq"]), self.item_encoder, batch)

@@ -1,4 +1,5 @@
-"""SASRec (Kang & McAuley, ICDM 2018): causal self-attention over the item sequence, BCE with sampled negatives.
+"""SASRec (Kang & McAuley, ICDM 2018): causal self-attention over the item sequence, BCE with sampled negatives
+(the reference) or softmax cross-entropy over the catalog (`SRSConfig.loss`).
 
 The block arrangement follows the reference implementations (the authors' TF code, SASRec.pytorch, and the
 LLMEmb code built on it):
@@ -143,6 +144,27 @@ def next_item_bce(
     return pos_loss + F.binary_cross_entropy_with_logits(neg_logit, torch.zeros_like(neg_logit))
 
 
+def next_item_ce(states: torch.Tensor, item_encoder: ItemEncoder, pos: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy over every catalog item, averaged over positions whose target is not padding.
+
+    Unlike `next_item_bce`, every item is a negative at every position, popular ones included, which is what
+    full-ranking evaluation asks of the scores. states: (B, L, H); pos: (B, L), 0 where there is no target.
+    """
+    m = pos > 0
+    logits = states[m] @ item_encoder.table()[1:].T  # (M, n_items): column c is item c + 1
+    return F.cross_entropy(logits.float(), pos[m] - 1)
+
+
+def next_item_loss(
+    config: SRSConfig, states: torch.Tensor, item_encoder: ItemEncoder, batch: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """The next-item backbones' training loss, as `config.loss` names it, over the last max_len positions."""
+    w = config.max_len
+    if config.loss == "ce":
+        return next_item_ce(states, item_encoder, batch["pos"][:, -w:])
+    return next_item_bce(states, item_encoder, batch["pos"][:, -w:], batch["neg"][:, -w:])
+
+
 class SASRec(SRSBackbone):
     """Causal self-attentive sequential recommender. Batch for `loss`: seq, pos, neg, all (B, L)."""
 
@@ -163,6 +185,4 @@ class SASRec(SRSBackbone):
         return self.sequence_states(seq)[:, -1]  # (B, H): state after the most recent item
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        w = self.config.max_len
-        states = self.sequence_states(batch["seq"])
-        return next_item_bce(states, self.item_encoder, batch["pos"][:, -w:], batch["neg"][:, -w:])
+        return next_item_loss(self.config, self.sequence_states(batch["seq"]), self.item_encoder, batch)

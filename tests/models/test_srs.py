@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -156,9 +158,42 @@ def pattern_windows(n: int, length: int, gen: torch.Generator) -> torch.Tensor:
     return (start + torch.arange(length)) % N_ITEMS + 1
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_learns_the_successor_pattern(name: str) -> None:
-    model = make(name, seed=0, dropout=0.1)
+def test_catalog_softmax_loss_on_a_hand_made_case() -> None:
+    """loss="ce": cross-entropy of each non-padding position's state against every item vector."""
+    from torch.nn import functional as F
+
+    from models.srs.sasrec import next_item_ce
+
+    table = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # row 0 = padding, 3 items
+    enc = FrozenTableEncoder(table)
+    states = torch.tensor([[[9.0, 9.0], [2.0, 0.0], [0.0, 3.0]]])  # (1, 3, 2); position 0 has no target
+    pos = torch.tensor([[0, 1, 3]])
+    # position 1: logits (2, 0, 2), target item 1; position 2: logits (0, 3, 3), target item 3
+    want = (
+        F.cross_entropy(torch.tensor([[2.0, 0.0, 2.0]]), torch.tensor([0]))
+        + F.cross_entropy(torch.tensor([[0.0, 3.0, 3.0]]), torch.tensor([2]))
+    ) / 2
+    assert torch.allclose(next_item_ce(states, enc, pos), want)
+    assert abs(want.item() - (math.log(2 + math.exp(-2)) + math.log(2 + math.exp(-3))) / 2) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["sasrec", "gru4rec"])
+def test_loss_setting_switches_the_next_item_objective(name: str) -> None:
+    seq = pad_left([[1, 2, 3], list(range(1, 20)), [5]], MAX_LEN + 1)
+    batch = batch_for(make(name), seq, torch.Generator().manual_seed(0))
+    bce, ce = make(name, seed=0, dropout=0.0).eval(), make(name, seed=0, dropout=0.0, loss="ce").eval()
+    assert bce.loss(batch).item() != pytest.approx(ce.loss(batch).item())
+    no_neg = {**batch, "neg": torch.zeros_like(batch["neg"])}  # CE needs no sampled negatives
+    assert ce.loss(no_neg).item() == pytest.approx(ce.loss(batch).item())
+    with pytest.raises(ValueError, match="loss must be one of"):
+        config(loss="bpr")
+
+
+@pytest.mark.parametrize(
+    ("name", "loss"), [(n, "bce") for n in NAMES] + [("sasrec", "ce"), ("gru4rec", "ce")]
+)
+def test_learns_the_successor_pattern(name: str, loss: str) -> None:
+    model = make(name, seed=0, dropout=0.1, loss=loss)
     gen = torch.Generator().manual_seed(0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []

@@ -353,3 +353,17 @@ def test_cli_train_rat(tmp_path, canonical_dir) -> None:
             ["train", "rat", *common, "--method", "LLMEmb", "--llm-table", str(tmp_path / "llm.safetensors"),
              "--id-checkpoint", str(tmp_path / "nowhere")]
         )  # fmt: skip
+
+    # --loss ce (catalog softmax) reaches the checkpoints of both commands; --label names the ID variant
+    ce = [*common[:-1], str(tmp_path / "ce"), "--loss", "ce"]
+    assert cli_main(["train", "srs", *ce, "--label", "None (CE)"]) == 0
+    id_run = tmp_path / "ce" / prepared.name / "sasrec" / "seed42"
+    assert json.loads((id_run / "metrics.json").read_text())["method"] == "None (CE)"
+    assert load_checkpoint(id_run)[0].config.loss == "ce"
+    llm = str(tmp_path / "llm.safetensors")
+    assert (
+        cli_main(["train", "rat", *ce, "--method", "LLM2X", "--label", "LLM2X (CE)", "--llm-table", llm]) == 0
+    )
+    run = tmp_path / "ce" / prepared.name / "sasrec" / "llm2x-ce-minilm" / "seed42"
+    assert json.loads((run / "rat.json").read_text())["rat_config"]["srs"]["loss"] == "ce"
+    assert load_checkpoint(run)[0].config.loss == "ce"

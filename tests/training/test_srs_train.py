@@ -97,9 +97,11 @@ def test_cloze_batches_mask_at_least_one_and_the_last_view() -> None:
         assert masked[2].nonzero().flatten().tolist() == [9]
 
 
-@pytest.mark.parametrize("backbone", ["sasrec", "gru4rec", "bert4rec"])
-def test_main_runs_end_to_end_and_the_checkpoint_round_trips(backbone, data, tmp_path) -> None:
-    cfg = replace(TINY, backbone=backbone)
+@pytest.mark.parametrize(
+    ("backbone", "loss"), [("sasrec", "bce"), ("gru4rec", "bce"), ("bert4rec", "bce"), ("sasrec", "ce")]
+)
+def test_main_runs_end_to_end_and_the_checkpoint_round_trips(backbone, loss, data, tmp_path) -> None:
+    cfg = replace(TINY, backbone=backbone, loss=loss)
     res = main(cfg, data)
     assert [h["epoch"] for h in res.history] == [1, 2]
     assert all(np.isfinite(h["loss"]) and h["val_N@10"] is not None for h in res.history)
@@ -112,7 +114,7 @@ def test_main_runs_end_to_end_and_the_checkpoint_round_trips(backbone, data, tmp
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
     assert json.loads((path / "config.json").read_text())["dataset"]["n_items"] == N_ITEMS
     model, cfg2 = load_checkpoint(path)
-    assert cfg2 == cfg and not model.training
+    assert cfg2 == cfg and not model.training and model.config.loss == loss
     seq = pad_left(data.split("test")[0][:8], cfg.max_len)
     with torch.no_grad():
         torch.testing.assert_close(
