@@ -242,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
         "sitting waits for them through their pid files",
     )
     p.add_argument("--only", nargs="*", default=None, help="run only jobs whose name contains one of these")
+    p.add_argument(
+        "--skip",
+        nargs="*",
+        default=None,
+        help="leave out jobs whose name contains one of these (after --only)",
+    )
     p.add_argument("--copy-to", type=Path, default=None, help="copy metrics.json files and f16 tables here")
     p.add_argument("--list", action="store_true", help="print the jobs and exit")
     args = p.parse_args(argv)
@@ -252,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         keep = {j.name for j in jobs if any(s in j.name for s in args.only)}
         keep |= {d for j in jobs if j.name in keep for d in j.deps}
         jobs = [j for j in jobs if j.name in keep]
+    if args.skip:
+        jobs = [j for j in jobs if not any(s in j.name for s in args.skip)]
     if args.list:
         for j in jobs:
             print(j.name, "(done)" if done(j, args.work) else "", "<-", ",".join(j.deps))

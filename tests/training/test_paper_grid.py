@@ -65,3 +65,9 @@ def test_reuse_ids_links_the_other_grids_id_runs(grid, monkeypatch, tmp_path: Pa
     link = second / "jobs" / "id-d-s42"
     assert link.is_symlink() and link.resolve() == (first / "jobs" / "id-d-s42").resolve()
     assert (link / "run" / "metrics.json").is_file()
+
+
+def test_skip_leaves_jobs_out(grid, monkeypatch, tmp_path: Path) -> None:
+    work = tmp_path / "s"
+    run(grid, monkeypatch, work, "--skip", "LLMEmb")
+    assert ledger(work) == ["id-d-s42"]
