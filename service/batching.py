@@ -17,6 +17,15 @@ items and must return a list of results of the same length, in order. If it rais
 gets the exception (logged with its traceback, except the ``expected_errors`` the batch function raises by
 design, e.g. when the process it sends batches to is gone: one line each).
 
+Sending ahead (``max_in_flight`` > 1), for a batch function that hands its batch to another process and waits
+(``service.worker``): the next batch may start while earlier ones are still running, so that process finds it
+queued when it finishes the one before instead of idling while results travel back and the next batch is
+gathered. A batch starts ahead only when it is full or at least as large as the batch started last (so sending
+ahead never splits the work into smaller batches), and at most ``max_in_flight`` run at once. The batch function
+then runs on that many threads, called in batch order, and must be safe to call concurrently; ``run_exclusive``
+runs ``fn`` on one of those threads once a thread is free, after the batches already started, possibly while
+they still run (the batch function's own ordering, e.g. one socket, keeps it between batches).
+
 Back-pressure: at most ``max_queue`` items wait; past that ``submit`` raises ``Overloaded`` with a
 ``retry_after`` estimate (seconds) from the recent batch durations, which the API turns into 429 + Retry-After.
 ``submit`` raises ``BatchTimeout`` after ``timeout_s`` (a queued item that timed out is dropped, not run).
@@ -111,9 +120,10 @@ class MicroBatcher(Generic[T, R]):
         cost: Callable[[T], int] | None = None,
         observer: BatchObserver | None = None,
         expected_errors: tuple[type[BaseException], ...] = (),
+        max_in_flight: int = 1,
     ) -> None:
-        if max_batch_size < 1 or max_queue < 1:
-            raise ValueError("max_batch_size and max_queue must be >= 1")
+        if max_batch_size < 1 or max_queue < 1 or max_in_flight < 1:
+            raise ValueError("max_batch_size, max_queue and max_in_flight must be >= 1")
         if max_wait_ms < 0:
             raise ValueError("max_wait_ms must be >= 0")
         self.fn, self.name = fn, name
@@ -123,6 +133,7 @@ class MicroBatcher(Generic[T, R]):
         self.cost = cost or (lambda _item: 1)
         self.observer = observer
         self.expected_errors = expected_errors  # logged in one line, without a traceback
+        self.max_in_flight = max_in_flight
         self.stats = BatcherStats()
         self._queue: collections.deque[_Entry] = collections.deque()
         self._queued_cost = 0
@@ -130,9 +141,13 @@ class MicroBatcher(Generic[T, R]):
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._closing = False
-        self._running_batch = 0  # items in the batch being computed
+        self._running_batch = 0  # items in the batches being computed
+        self._running: set[asyncio.Task] = set()  # batches started ahead (max_in_flight > 1), until they end
+        self._in_flight_batches = 0
+        self._last_size = 0  # items of the batch started last
+        self._last_end = 0.0  # perf_counter when the last batch ended
         self._batch_seconds = 0.01  # EWMA of batch durations, for Retry-After
-        self._thread_id: int | None = None
+        self._thread_ids: set[int] = set()
 
     # --- lifecycle ----------------------------------------------------------------------------------------
 
@@ -140,8 +155,12 @@ class MicroBatcher(Generic[T, R]):
         if self._task is not None:
             return
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{self.name}")
-        self._thread_id = self._executor.submit(threading.get_ident).result()
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.max_in_flight,
+            thread_name_prefix=f"batch-{self.name}",
+            initializer=lambda: self._thread_ids.add(threading.get_ident()),
+        )
+        self._executor.submit(int).result()  # the first thread is up
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
 
     async def stop(self, drain: bool = True) -> None:
@@ -177,15 +196,13 @@ class MicroBatcher(Generic[T, R]):
         return len(self._queue) + self._running_batch
 
     def on_worker_thread(self) -> bool:
-        return threading.get_ident() == self._thread_id
+        return threading.get_ident() in self._thread_ids
 
     # --- submitting ---------------------------------------------------------------------------------------
 
     def retry_after(self) -> float:
         """Seconds until the queue has likely drained enough to take a new item."""
-        batches_ahead = math.ceil((len(self._queue) + 1) / self.max_batch_size) + (
-            1 if self._running_batch else 0
-        )
+        batches_ahead = math.ceil((len(self._queue) + 1) / self.max_batch_size) + self._in_flight_batches
         return max(0.05, batches_ahead * self._batch_seconds)
 
     async def submit(self, item: T, timeout_s: float | None = None) -> R:
@@ -251,28 +268,52 @@ class MicroBatcher(Generic[T, R]):
             return True
         return self.max_batch_cost is not None and self._queued_cost >= self.max_batch_cost
 
+    def _may_start(self) -> bool:
+        """Whether a batch may start now: always with none in flight; with some (``max_in_flight`` > 1) only a
+        batch that is full or at least as large as the one started last."""
+        if not self._in_flight_batches:
+            return True
+        if self._in_flight_batches >= self.max_in_flight:
+            return False
+        return self._batch_full() or len(self._queue) >= self._last_size
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            while not self._queue:
-                if self._closing:
+            while not self._queue or not self._may_start():
+                if self._closing and not self._queue:
+                    if self._running:
+                        await asyncio.gather(*self._running)
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            # Wait for the batch to fill, at most max_wait after its first item was queued.
-            deadline = self._queue[0].queued_at + self.max_wait_s
-            while not self._closing and not self._batch_full():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._wakeup.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+            if not self._in_flight_batches:
+                # Wait for the batch to fill, at most max_wait after its first item was queued.
+                deadline = self._queue[0].queued_at + self.max_wait_s
+                while not self._closing and not self._batch_full():
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._wakeup.clear()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), remaining)
             batch = self._take_batch()
             if not batch:
                 continue
-            self._running_batch = len(batch)
-            started = time.perf_counter()
+            self._in_flight_batches += 1
+            self._running_batch += len(batch)
+            self._last_size = len(batch)
+            if self.max_in_flight == 1:
+                await self._run_batch(loop, batch)
+            else:
+                task = loop.create_task(self._run_batch(loop, batch), name=f"batch-{self.name}")
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Entry]) -> None:
+        """Run one batch on the executor and hand its results (or its error) to the waiting requests."""
+        started = time.perf_counter()
+        try:
             try:
                 results = await loop.run_in_executor(self._executor, self.fn, [e.item for e in batch])
                 if len(results) != len(batch):
@@ -292,8 +333,12 @@ class MicroBatcher(Generic[T, R]):
                     if not e.future.done():
                         e.future.set_result(r)
             finally:
-                self._running_batch = 0
-            seconds = time.perf_counter() - started
+                self._running_batch -= len(batch)
+                self._in_flight_batches -= 1
+            # A batch started ahead waited for the one before it: its own time starts when that one ended.
+            end = time.perf_counter()
+            seconds = end - max(started, self._last_end)
+            self._last_end = end
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
             cost = sum(e.cost for e in batch)
             self.stats.batches += 1
@@ -302,6 +347,9 @@ class MicroBatcher(Generic[T, R]):
             self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(batch))
             if self.observer:
                 self.observer.on_batch(self.name, len(batch), cost, seconds)
+        finally:
+            if self.max_in_flight > 1:
+                self._wakeup.set()  # the next batch may start now
 
 
 # --- helpers for batch functions -----------------------------------------------------------------------

@@ -593,7 +593,13 @@ class _State:
     # ----- lifecycle (event loop) -----
 
     def _batcher(
-        self, name: str, fn, cost, observer: batching.BatchObserver | None, expected_errors=()
+        self,
+        name: str,
+        fn,
+        cost,
+        observer: batching.BatchObserver | None,
+        expected_errors=(),
+        max_in_flight: int = 1,
     ) -> batching.MicroBatcher:
         """A micro-batcher configured by the settings' ``<name>_*`` batching knobs."""
         s = self.settings
@@ -608,6 +614,7 @@ class _State:
             cost=cost,
             observer=observer,
             expected_errors=expected_errors,
+            max_in_flight=max_in_flight,
         )
 
     async def start(self, observer: batching.BatchObserver | None) -> None:
@@ -639,12 +646,15 @@ class _State:
         except (RecommenderLoadError, WorkerCallError, WorkerUnavailable) as e:
             raise EngineLoadError(f"bundle {self.bundle_id}: {e}") from e
         window = self.window
+        # The worker process queues what it is sent: the next batch goes out while one runs there (service.batching,
+        # "Sending ahead"), so it never idles between batches. In this process a batch runs alone on its thread.
         self.rec_batcher = self._batcher(
             "recommend",
             self.recommender.serve_batch,
             lambda r: min(len(r[0]), window),
             observer,
             expected_errors=(WorkerUnavailable,),
+            max_in_flight=2 if mode == "process" else 1,
         )
         await self.rec_batcher.start()
         if mode == "thread":  # OpenMP thread counts are per calling thread: set them on the batcher's

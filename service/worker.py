@@ -12,15 +12,18 @@ interpreter; the server still groups concurrent requests (``service.batching``) 
     await worker.close()                   # stop message; killed if it does not exit in time
 
 Wire. A socketpair, each end wrapped in a ``multiprocessing.connection.Connection``. Every message is one pickled
-``(op, payload)`` and every call waits for its reply (``("ok", value)`` or ``("error", text)``), so calls are
-strictly ordered: a catalog update sent between two batches is applied between them. ops: ``load`` (a
+``(op, payload)`` and every call waits for its reply (``("ok", value)`` or ``("error", text)``). The worker answers
+messages one at a time in the order they arrive, so calls are strictly ordered: a catalog update sent between two
+batches is applied between them. Several threads may call at once (the recommend micro-batcher sends the next
+batch while one is in flight, ``max_in_flight=2``, so the worker never waits for it): each sends under a lock and
+reads its reply in the order the calls were sent (``_Channel``). ops: ``load`` (a
 ``RecommenderSpec``), ``recommend`` (the batch as a list of ``(rows, k, exclude_seen)``: pickle's C code writes
 small int lists faster than they can be packed into arrays here), ``apply`` (rows + an array of ``item``
 vectors), ``stop``. A batch's results come back as four flat numpy arrays (rows, scores, results per request,
-excluded per request), decoded once per batch. Calls run on the micro-batcher's thread, which waits on the socket
+excluded per request), decoded once per batch. Calls run on the micro-batcher's threads, which wait on the socket
 with the GIL released; the event loop never touches the socket.
 
-Failure. A waiter thread per process notices its exit. The batch in flight then fails with ``WorkerUnavailable``
+Failure. A waiter thread per process notices its exit. The batches in flight then fail with ``WorkerUnavailable``
 (the API's 503), and so does every recommend request until a new worker is up; /ready answers 503 meanwhile. The
 worker is restarted at once (a worker that dies within a minute of its start is restarted after 1, 2, 4 ... 30 s),
 built from the catalog as it is then, registered items included; registrations wait for it (``lock``). A batch
@@ -92,15 +95,48 @@ def _kill(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def _call(conn: Connection, op: str, payload: Any, timeout: float | None) -> Any:
-    """One request and its reply. EOFError / OSError: the worker is gone; TimeoutError: no reply in time."""
-    conn.send_bytes(pickle.dumps((op, payload), protocol=pickle.HIGHEST_PROTOCOL))
-    if timeout is not None and not conn.poll(timeout):
-        raise TimeoutError(op)
-    status, value = pickle.loads(conn.recv_bytes())
-    if status == _ERROR:
-        raise WorkerCallError(value)
-    return value
+class _Channel:
+    """One worker process and its socket. ``call`` may run on several threads at once: calls are sent one at a time
+    and each reads its reply in the order the calls were sent (the worker answers in that order)."""
+
+    def __init__(self, proc: subprocess.Popen, conn: Connection) -> None:
+        self.proc, self.conn = proc, conn
+        self._send_lock = threading.Lock()
+        self._turn = threading.Condition()
+        self._sent = 0  # calls sent
+        self._done = 0  # calls whose reply was read (or given up)
+
+    def call(self, op: str, payload: Any, timeout: float | None) -> Any:
+        """One request and its reply, within ``timeout`` s of sending it. EOFError / OSError: the worker is gone;
+        TimeoutError: no reply in time."""
+        data = pickle.dumps((op, payload), protocol=pickle.HIGHEST_PROTOCOL)
+        with self._send_lock:
+            self.conn.send_bytes(data)
+            ticket = self._sent
+            self._sent += 1
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._turn:
+            while self._done != ticket:
+                self._turn.wait()
+        try:
+            if deadline is not None and not self.conn.poll(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError(op)
+            raw = self.conn.recv_bytes()
+        finally:
+            with self._turn:
+                self._done += 1
+                self._turn.notify_all()
+        status, value = pickle.loads(raw)
+        if status == _ERROR:
+            raise WorkerCallError(value)
+        return value
+
+    def close(self) -> None:
+        """Close the socket once the calls in flight on it (if any) have their reply or have seen its end."""
+        with self._send_lock, self._turn:
+            while self._done != self._sent:
+                self._turn.wait()
+            self.conn.close()
 
 
 def unpack_results(
@@ -148,8 +184,7 @@ class RecommendWorker:
         self._lock = lock
         self._batch_timeout_s = batch_timeout_s
         self._log_level = log_level
-        self._call_lock = threading.Lock()  # one call at a time on the socket
-        self._current: tuple[subprocess.Popen, Connection] | None = None
+        self._current: _Channel | None = None
         self._launching: subprocess.Popen | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
@@ -175,7 +210,7 @@ class RecommendWorker:
     @property
     def pid(self) -> int | None:
         cur = self._current
-        return cur[0].pid if cur is not None else None
+        return cur.proc.pid if cur is not None else None
 
     def index_info(self) -> dict[str, Any]:
         return dict(self._index_info)
@@ -215,9 +250,9 @@ class RecommendWorker:
                 await self._restart_task
         current, self._current = self._current, None
         if current is not None:
-            await asyncio.to_thread(self._shutdown, *current)
+            await asyncio.to_thread(self._shutdown, current)
 
-    def _spawn(self) -> tuple[subprocess.Popen, Connection]:
+    def _spawn(self) -> _Channel:
         """``python -m service.worker`` with one end of a socketpair; a waiter thread reaps it when it exits."""
         parent, child = socket.socketpair()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path)}
@@ -237,26 +272,27 @@ class RecommendWorker:
         threading.Thread(
             target=self._wait, args=(proc,), name=f"recommend-worker-{proc.pid}", daemon=True
         ).start()
-        return proc, Connection(parent.detach())
+        return _Channel(proc, Connection(parent.detach()))
 
     async def _launch(self, spec: RecommenderSpec) -> None:
-        proc, conn = self._spawn()
+        channel = self._spawn()
+        proc = channel.proc
         self._launching = proc
         try:
-            info = await asyncio.to_thread(self._load, proc, conn, spec)
+            info = await asyncio.to_thread(self._load, channel, spec)
         except BaseException:
             _kill(proc)  # a failed or cancelled load: the process goes (the waiter thread reaps it)
             raise
         finally:
             self._launching = None
         if self._closing:
-            await asyncio.to_thread(self._shutdown, proc, conn)
+            await asyncio.to_thread(self._shutdown, channel)
             raise WorkerUnavailable("the service is stopping")
         self._threads = {k: info[k] for k in ("torch_threads", "faiss_threads")}
         self._index_info = info["index"]
         self._started_at = time.monotonic()
         self._reason = None
-        self._current = (proc, conn)
+        self._current = channel
         log.info(
             "recommend worker pid %d ready in %.1f s (torch threads %d, faiss threads %d)",
             proc.pid,
@@ -265,23 +301,24 @@ class RecommendWorker:
             info["faiss_threads"],
         )
 
-    def _load(self, proc: subprocess.Popen, conn: Connection, spec: RecommenderSpec) -> dict[str, Any]:
+    def _load(self, channel: _Channel, spec: RecommenderSpec) -> dict[str, Any]:
         try:
-            return _call(conn, "load", spec, None)
+            return channel.call("load", spec, None)
         except (EOFError, OSError) as e:
-            conn.close()
+            channel.close()
+            proc = channel.proc
             raise WorkerUnavailable(
                 f"the recommend worker process (pid {proc.pid}) {_exit_text(_exit_code(proc))} while loading"
             ) from e
         except BaseException:
-            conn.close()
+            channel.close()
             raise
 
-    def _shutdown(self, proc: subprocess.Popen, conn: Connection) -> None:
-        with self._call_lock:
-            with contextlib.suppress(TimeoutError, EOFError, OSError, WorkerCallError):
-                _call(conn, "stop", None, _STOP_TIMEOUT_S)
-            conn.close()
+    def _shutdown(self, channel: _Channel) -> None:
+        proc = channel.proc
+        with contextlib.suppress(TimeoutError, EOFError, OSError, WorkerCallError):
+            channel.call("stop", None, _STOP_TIMEOUT_S)
+        channel.close()
         try:
             proc.wait(timeout=_STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -300,7 +337,7 @@ class RecommendWorker:
 
     def _on_exit(self, proc: subprocess.Popen, code: int) -> None:
         current = self._current
-        if self._closing or current is None or current[0] is not proc:
+        if self._closing or current is None or current.proc is not proc:
             return  # a stopped, replaced or never published process
         self._current = None
         if time.monotonic() - self._started_at >= _HEALTHY_AFTER_S:
@@ -312,15 +349,11 @@ class RecommendWorker:
         )
         log.error("%s%s", self._reason, f" in {delay:g} s" if delay else "")
         self._restart_task = self._loop.create_task(
-            self._restart(current[1], delay), name="recommend-worker-restart"
+            self._restart(current, delay), name="recommend-worker-restart"
         )
 
-    def _close_conn(self, conn: Connection) -> None:
-        with self._call_lock:  # after the call in flight on it (if any) has seen the end of the socket
-            conn.close()
-
-    async def _restart(self, old: Connection, delay: float) -> None:
-        await asyncio.to_thread(self._close_conn, old)
+    async def _restart(self, old: _Channel, delay: float) -> None:
+        await asyncio.to_thread(old.close)
         while not self._closing:
             if delay:
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -347,25 +380,24 @@ class RecommendWorker:
     # ----- calls (the micro-batcher's thread) -----
 
     def _request(self, op: str, payload: Any, timeout: float | None) -> Any:
-        with self._call_lock:
-            current = self._current
-            if current is None or self._closing:
-                raise WorkerUnavailable(self._reason or "the recommend worker is not running")
-            proc, conn = current
-            try:
-                return _call(conn, op, payload, timeout)
-            except TimeoutError:
-                log.error("recommend worker pid %d did not answer within %g s: killing it", proc.pid, timeout)
-                _kill(proc)
-                raise WorkerUnavailable(
-                    f"the recommend worker process (pid {proc.pid}) did not answer within {timeout:g} s and "
-                    "was killed; it is being restarted"
-                ) from None
-            except (EOFError, OSError):
-                raise WorkerUnavailable(
-                    f"the recommend worker process (pid {proc.pid}) {_exit_text(_exit_code(proc))}; "
-                    "it is being restarted"
-                ) from None
+        current = self._current
+        if current is None or self._closing:
+            raise WorkerUnavailable(self._reason or "the recommend worker is not running")
+        proc = current.proc
+        try:
+            return current.call(op, payload, timeout)
+        except TimeoutError:
+            log.error("recommend worker pid %d did not answer within %g s: killing it", proc.pid, timeout)
+            _kill(proc)
+            raise WorkerUnavailable(
+                f"the recommend worker process (pid {proc.pid}) did not answer within {timeout:g} s and "
+                "was killed; it is being restarted"
+            ) from None
+        except (EOFError, OSError):
+            raise WorkerUnavailable(
+                f"the recommend worker process (pid {proc.pid}) {_exit_text(_exit_code(proc))}; "
+                "it is being restarted"
+            ) from None
 
     def serve_batch(self, batch: Sequence[Request]) -> list[Result]:
         """The micro-batcher's batch function: the batch goes to the worker, its results come back."""

@@ -159,3 +159,38 @@ def test_run_exclusive_runs_on_the_worker_between_batches():
         return tid
 
     assert asyncio.run(go()) in fn.threads
+
+
+def test_max_in_flight_sends_a_batch_ahead_only_once_it_is_as_large_as_the_one_running():
+    release = threading.Event()
+    started: list[list[int]] = []
+    running = threading.Semaphore(0)
+
+    def fn(items):
+        started.append(list(items))
+        running.release()
+        if items[0] < 6:
+            release.wait(10)  # the first two batches run until the test lets them go
+        return [x * 10 for x in items]
+
+    async def go():
+        b = MicroBatcher(fn, name="t", max_batch_size=8, max_wait_ms=0, max_in_flight=2)
+        await b.start()
+        first = [asyncio.create_task(b.submit(i)) for i in range(3)]
+        await asyncio.to_thread(running.acquire)  # batch [0, 1, 2] is running
+        later = [asyncio.create_task(b.submit(i)) for i in range(3, 5)]
+        await asyncio.sleep(0.05)
+        assert started == [[0, 1, 2]]  # two queued < three running: not sent ahead
+        later.append(asyncio.create_task(b.submit(5)))
+        await asyncio.to_thread(running.acquire)  # three queued: sent ahead, beside the first
+        assert started == [[0, 1, 2], [3, 4, 5]] and b.in_flight == 6
+        more = [asyncio.create_task(b.submit(i)) for i in range(6, 9)]
+        await asyncio.sleep(0.05)
+        assert len(started) == 2 and b.queue_depth == 3  # two in flight: the third batch waits
+        release.set()
+        out = await asyncio.gather(*first, *later, *more)
+        await b.stop()
+        return out
+
+    assert asyncio.run(go()) == [i * 10 for i in range(9)]
+    assert started == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
