@@ -450,7 +450,7 @@ def offline_child(spec_path: Path) -> int:
     async def main() -> None:
         settings = Settings()
         if settings.torch_threads is None:  # as `llmemb serve` does (service.cli)
-            settings = settings.model_copy(update={"torch_threads": serve_threads()})
+            settings = settings.model_copy(update={"torch_threads": serve_threads(settings.device)})
         # The recommend path in this process whatever the server's LLMEMB_RECOMMEND_WORKER: "offline" is its batch
         # function called directly, the same measurement in every mode.
         settings = settings.model_copy(update={"recommend_worker": "thread"})
@@ -1053,7 +1053,12 @@ def main(argv: list[str] | None = None) -> int:
     raw_out = args.raw_out or ROOT / ".bench" / "serve_last.json"
     server_cores, client_cores, pin_note = cores_for(args.pin)
     n_server = len(server_cores) if server_cores else len(os.sched_getaffinity(0))
-    threads = args.torch_threads or f"llmemb serve's default, {max(1, n_server - 1)}"
+    default = max(1, n_server - 1)  # service.settings.serve_threads on the server's cores
+    if args.device.startswith("cuda"):
+        from service.settings import CUDA_SERVE_THREADS
+
+        default = min(default, CUDA_SERVE_THREADS)
+    threads = args.torch_threads or f"llmemb serve's default, {default}"
     print(f"machine: {where}; pin {pin_note}; server torch/faiss threads {threads}", flush=True)
     load0 = loadavg()
 

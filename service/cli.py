@@ -97,7 +97,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings(**overrides)
         if settings.torch_threads is None:  # leave the event loop a core (settings.serve_threads)
-            settings = settings.model_copy(update={"torch_threads": serve_threads()})
+            settings = settings.model_copy(update={"torch_threads": serve_threads(settings.device)})
         settings.check_auth()
         Engine(settings).bundle_path()  # fail now, with the reason, when there is nothing to serve
     except (SettingsError, EngineLoadError, ValueError) as e:

@@ -38,14 +38,31 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def serve_threads() -> int:
-    """Intra-op threads for ``llmemb serve`` when LLMEMB_TORCH_THREADS is unset: the usable cores less one.
+# On CUDA the pools only serve faiss's catalog scan and the CPU side of the model: a few threads are plenty.
+CUDA_SERVE_THREADS = 4
+
+
+def serve_threads(device: str = "auto") -> int:
+    """Intra-op threads for ``llmemb serve`` when LLMEMB_TORCH_THREADS is unset: the usable cores less one, and at
+    most CUDA_SERVE_THREADS where the model runs on CUDA (``device`` "cuda", or "auto" with CUDA available).
 
     The server's event loop (HTTP, validation, the engine's bookkeeping) needs a core of its own: with every core
     in torch's and faiss's OpenMP pools, their threads spin-wait on the loop's core after each op. On the 2-core
     CPU machine one thread served recommend at 1 client with 3.4x less CPU per request (p99 1.7 vs 4.2 ms) and
-    the same throughput at 64 clients, and embed at the same rate (bench/serve.py)."""
-    return max(1, usable_cores() - 1)
+    the same throughput at 64 clients, and embed at the same rate (bench/serve.py). On a 64-core H100 host, 62
+    threads made the recommend worker burn ~49 cores on spin-waits: 4 threads served recommend 5.2x faster at 64
+    clients (3,148 vs 611 req/s) with p99 at 1 client 4.5 instead of 20.9 ms, embed unchanged (docs/BENCHMARKS.md).
+    """
+    n = max(1, usable_cores() - 1)
+    if device.startswith("cuda") or device == "auto" and _cuda_available():
+        return min(n, CUDA_SERVE_THREADS)
+    return n
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def is_loopback(host: str) -> bool:

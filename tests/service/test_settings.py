@@ -58,3 +58,17 @@ def test_the_recommend_worker_is_a_process_with_two_cores_or_on_cuda_unless_set(
     monkeypatch.setenv("LLMEMB_RECOMMEND_WORKER", "fork")
     with pytest.raises(ValidationError, match="recommend_worker"):
         Settings()
+
+
+def test_serve_threads_leave_the_loop_a_core_and_stay_few_on_cuda(monkeypatch):
+    from service import settings as settings_module
+    from service.settings import CUDA_SERVE_THREADS, serve_threads
+
+    monkeypatch.setattr(settings_module, "usable_cores", lambda: 64)
+    monkeypatch.setattr(settings_module, "_cuda_available", lambda: False)
+    assert serve_threads("cpu") == serve_threads("auto") == 63
+    assert serve_threads("cuda") == CUDA_SERVE_THREADS < 63
+    monkeypatch.setattr(settings_module, "_cuda_available", lambda: True)
+    assert serve_threads("auto") == CUDA_SERVE_THREADS and serve_threads("cpu") == 63
+    monkeypatch.setattr(settings_module, "usable_cores", lambda: 2)
+    assert serve_threads("cuda") == serve_threads("cpu") == 1
