@@ -316,7 +316,8 @@ def ttest_vs_best_baseline(
 
 def ttest_table(tests: Iterable[Mapping[str, Any]], alpha: float = 0.05) -> str:
     """Markdown: one row per method, one column per (protocol, split, metric); a cell reads "+0.0123 vs LLM2X
-    (p 0.012)*" (difference of means to the best baseline, "*" where p < alpha). "" for no tests."""
+    (p 0.012)*" (difference of means to the best baseline, "*" where p < alpha; "vs LLM2X of <llm>" where the best
+    baseline run used another LLM than the row). "" for no tests."""
     tests = list(tests)
     if not tests:
         return ""
@@ -325,8 +326,11 @@ def ttest_table(tests: Iterable[Mapping[str, Any]], alpha: float = 0.05) -> str:
     for t in tests:
         row = (t["dataset"], t["backbone"], t["method"], t.get("llm"))
         star = "*" if t["p"] < alpha else ""
+        base, base_llm = t["baseline"], t.get("baseline_llm")
+        if base_llm is not None and base_llm != t.get("llm"):  # another LLM's baseline run was the best
+            base = f"{base} of {base_llm}"
         cells.setdefault(row, {})[(t["protocol"], t["split"], t["metric"])] = (
-            f"{t['delta']:+.4f} vs {t['baseline']} (p {t['p']:.3f}){star}"
+            f"{t['delta']:+.4f} vs {base} (p {t['p']:.3f}){star}"
         )
     head = ["dataset", "backbone", "method", *(" ".join(c) for c in cols)]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * len(cols)) + "|"]

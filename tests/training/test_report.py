@@ -188,6 +188,9 @@ def test_ttest_picks_the_best_baseline_per_column_and_pairs_by_seed() -> None:
     table = ttest_table(tests)
     assert "vs LLM2X (p " in table and "LLMEmb (m)" in table
     assert ("*" in table) == any(x["p"] < 0.05 for x in tests)
+    # a baseline run with another LLM is named with its LLM
+    other = ttest_table([{**t, "llm": "q"}])
+    assert "vs LLM2X of m (p " in other and "LLMEmb (q)" in other
 
 
 def test_ttest_needs_two_shared_seeds() -> None:
