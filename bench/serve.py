@@ -813,6 +813,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--offline-recommend-batches", default="1,16,64,128")
     p.add_argument("--offline-embed-batches", default="1,8,32")
     p.add_argument("--skip-offline", action="store_true")
+    p.add_argument(
+        "--ratio-repeats",
+        type=int,
+        default=0,
+        help="after the cells, alternate this many times between the offline recommend measurement and the "
+        "recommend cell at 64 clients (server kept up, idle while offline runs) and report each ratio and "
+        "their median: on a shared VM single runs of either side swing by ~20 %%",
+    )
     p.add_argument("--pin", choices=["auto", "split", "none"], default="auto")
     p.add_argument(
         "--torch-threads",
@@ -962,6 +970,14 @@ def print_table(summary: dict) -> None:
                 "offline embed (batch -> items/s): "
                 + ", ".join(f"{b}: {v['per_s']:,.1f}" for b, v in eb.items())
             )
+    if summary.get("ratio_repeats"):
+        print(
+            "alternations (service / offline recommend at 64 clients): "
+            + ", ".join(
+                f"{r['service_per_s']:,.0f}/{r['offline_best_per_s']:,.0f} = {r['ratio']:.2f}"
+                for r in summary["ratio_repeats"]
+            )  # fmt: skip
+        )
     for name, value in summary["ratios"].items():
         print(f"service / offline at 64 clients, {name}: {value:.2f} (target >= {TARGET_RATIO:.2f})")
     for line in summary["targets"]:
@@ -988,8 +1004,10 @@ def targets(cells: list[dict], ratios: dict, device: str) -> list[str]:
     return out
 
 
-async def run_cells(args, server: Server, key: str, work: Workload) -> list[dict]:
-    plan = cell_plan(args)
+async def run_cells(
+    args, server: Server, key: str, work: Workload, plan: list[tuple[str, list[int]]] | None = None
+) -> list[dict]:
+    plan = plan if plan is not None else cell_plan(args)
     bodies = {
         "recommend": (
             "/v1/recommend",
@@ -1064,6 +1082,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="llmemb-bench-serve-"))
     server: Server | None = None
+    repeats: list[dict] = []  # --ratio-repeats
     try:
         if args.synthetic:
             root = synthetic_root(args.synthetic, (args.workdir or tmp / "synthetic").resolve())
@@ -1099,31 +1118,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"service settings: {shown}", flush=True)
         (tmp / "workload.json").write_text(json.dumps(dataclasses.asdict(work)))
 
-        offline = None
-        if not args.skip_offline:
+        def run_offline(embed: bool = True) -> dict:
+            """The offline engine in a child process on the server's cores (bench/README.md)."""
             spec = {
                 "workload": str(tmp / "workload.json"),
                 "out": str(tmp / "offline.json"),
                 "budget_s": args.offline_budget,
                 "recommend_batches": _ints(args.offline_recommend_batches),
-                "embed_batches": _ints(args.offline_embed_batches),
+                "embed_batches": _ints(args.offline_embed_batches) if embed else [],
             }
             (tmp / "offline_spec.json").write_text(json.dumps(spec))
             t0 = time.perf_counter()
+            me = str(Path(__file__).resolve())
             subprocess.run(
-                [
-                    sys.executable,
-                    str(Path(__file__).resolve()),
-                    "--offline-child",
-                    str(tmp / "offline_spec.json"),
-                ],
+                [sys.executable, me, "--offline-child", str(tmp / "offline_spec.json")],
                 env=env,
                 cwd=ROOT,
                 check=True,
                 preexec_fn=_pinner(server_cores),
             )
-            offline = json.loads((tmp / "offline.json").read_text())
             print(f"offline engine measured in {time.perf_counter() - t0:.0f} s", flush=True)
+            return json.loads((tmp / "offline.json").read_text())
+
+        offline = None if args.skip_offline else run_offline()
 
         if client_cores:
             os.sched_setaffinity(0, client_cores)
@@ -1135,6 +1152,14 @@ def main(argv: list[str] | None = None) -> int:
         worker = json.loads(body).get("recommend_worker") if status == 200 else None
         print(f"recommend worker: {worker}", flush=True)
         cells = asyncio.run(run_cells(args, server, key, work))
+        for r in range(args.ratio_repeats):
+            off = run_offline(embed=False)
+            best = max(v["per_s"] for v in off["recommend"].values())
+            cell = asyncio.run(run_cells(args, server, key, work, [("recommend", [64])]))[0]
+            repeats.append({"offline_best_per_s": best, "service_per_s": cell["req_per_s"],
+                            "ratio": cell["req_per_s"] / best, "mean_batch": cell["mean_batch"]})  # fmt: skip
+            print(f"alternation {r + 1}/{args.ratio_repeats}: service {cell['req_per_s']:,.0f} / offline "
+                  f"{best:,.0f} req/s = {repeats[-1]['ratio']:.2f}", flush=True)  # fmt: skip
         server.stop()
         server = None
     finally:
@@ -1157,6 +1182,8 @@ def main(argv: list[str] | None = None) -> int:
             for c in cells:
                 if c["endpoint"].startswith("embed") and c["concurrency"] == 64:
                     ratios[c["endpoint"]] = c["items_per_s"] / best
+    if repeats:
+        ratios["recommend_alternating_median"] = float(np.median([r["ratio"] for r in repeats]))
     summary = {
         "bundle": (SYNTHETIC[args.synthetic].description if args.synthetic else str(args.bundle)),
         "source": source,
@@ -1172,6 +1199,7 @@ def main(argv: list[str] | None = None) -> int:
         "cells": cells,
         "offline": offline,
         "ratios": ratios,
+        "ratio_repeats": repeats,
     }
     summary["targets"] = targets(cells, ratios, args.device)
     raw_out.parent.mkdir(parents=True, exist_ok=True)
