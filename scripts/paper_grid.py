@@ -176,13 +176,13 @@ def build_jobs(args: argparse.Namespace) -> list[Job]:
                 # rarely a popular item, so BCE never teaches a frozen semantic table to rank those.
                 ce = ("--loss", "ce")
                 id_run(seed, "ce", ce + ("--label", "None (CE)"))
-                for lab, m, table in (
-                    ("LLMEmb", "LLMEmb", tuned),
-                    ("LLM2X", "LLM2X", raw),
-                    ("LLMEmb w/o align", "LLMEmb w/o align", tuned),
-                    ("LLMEmb+ID", "LLMEmb+ID", tuned),
+                for m, table in (
+                    ("LLMEmb", tuned),
+                    ("LLM2X", raw),
+                    ("LLMEmb w/o align", tuned),
+                    ("LLMEmb+ID", tuned),
                 ):
-                    rat("sasrec", m, seed, table, label=f"{lab} (CE)", extra=ce)
+                    rat("sasrec", m, seed, table, label=f"{m} (CE)", extra=ce)
                 nxt = args.seeds[(args.seeds.index(seed) + 1) % len(args.seeds)]
                 if nxt != seed:
                     fuse(f"id-{d}-s{seed}", "ID-SASRec + ID-SASRec", seed, b_job=f"id-{d}-s{nxt}")
