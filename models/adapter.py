@@ -51,6 +51,26 @@ class Adapter(nn.Module):
         return self.w1(self.dropout(self.w2(x)))  # no activation: Eq. 6 is affine
 
 
+def adapt_rows(
+    adapter: nn.Module, table: torch.Tensor, ids: torch.Tensor, dedupe: bool | None = None
+) -> torch.Tensor:
+    """adapter(table[ids]), (...,) -> (..., d_out), with padding (id 0) rows zero.
+
+    dedupe (default: on the CPU only) runs the adapter once per distinct id, not once per position: a (B=256,
+    L=200) batch of sequences holds far fewer distinct items than positions. On an accelerator it runs on every
+    position instead, because `torch.unique` waits for the device (its output size is data-dependent), and a host
+    sync per call costs more there than the redundant rows, above all with several training processes sharing
+    one GPU. Both give the same vectors.
+    """
+    if dedupe is None:
+        dedupe = ids.device.type == "cpu"
+    if dedupe:
+        uniq, inverse = torch.unique(ids, return_inverse=True)  # (U,), ids.shape
+        vecs = adapter(table[uniq]).masked_fill((uniq == 0)[:, None], 0.0)  # (U, d_out)
+        return vecs[inverse]
+    return adapter(table[ids]) * (ids != 0).unsqueeze(-1).to(table.dtype)
+
+
 class AdaptedTableEncoder(ItemEncoder):
     """LLMEmb's item encoder: a frozen table ē (n_items + 1, d_in), row 0 padding, followed by an `Adapter`.
 
@@ -87,12 +107,7 @@ class AdaptedTableEncoder(ItemEncoder):
         return out * mask
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (...,) -> (..., d_out)
-        # Run the adapter once per distinct id in the batch, not once per position: a (B=256, L=200) batch of
-        # sequences holds far fewer distinct items than positions, and never more than the table has rows.
-        uniq, inverse = torch.unique(ids, return_inverse=True)  # (U,), ids.shape
-        vecs = self.adapter(self.weight[uniq])  # (U, d_out)
-        vecs = vecs.masked_fill((uniq == 0)[:, None], 0.0)
-        return vecs[inverse]
+        return adapt_rows(self.adapter, self.weight, ids)
 
     @torch.no_grad()
     def to_frozen(self) -> FrozenTableEncoder:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.adapter import Adapter, AdapterConfig
+from models.adapter import Adapter, AdapterConfig, adapt_rows
 from models.srs.base import FrozenTableEncoder, ItemEncoder
 
 GATES = ("none", "linear", "sigmoid")
@@ -141,9 +141,7 @@ class ResidualAdaptedEncoder(ItemEncoder):
 
     def semantic(self, ids: torch.Tensor) -> torch.Tensor:
         """adapter(ē_ids): (...,) -> (..., d_out); padding rows zero."""
-        uniq, inverse = torch.unique(ids, return_inverse=True)  # the adapter runs once per distinct id
-        vecs = self.adapter(self.weight[uniq]).masked_fill((uniq == 0)[:, None], 0.0)  # (U, d_out)
-        return vecs[inverse]
+        return adapt_rows(self.adapter, self.weight, ids)
 
     def gated_residual(self, ids: torch.Tensor) -> torch.Tensor:
         """g(c_ids) * r_ids, (...,) -> (..., d_out); whole vectors dropped with prob `dropout` in training."""

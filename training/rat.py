@@ -225,9 +225,14 @@ def build_item_encoder(
 
 
 # ---- the alignment term (Eq. 7) as srs.main's aux loss ------------------------------------------------------------
+ITEMS_KEY = "align_items"  # the batch key RATAuxLoss.prepare fills with batch_items, on the host
+
+
 def batch_items(batch: dict[str, torch.Tensor], n_items: int) -> torch.Tensor:
     """Distinct real item ids (sorted) of a training batch's sequences: "seq", "pos" / "labels"; no padding,
     no [mask] token, no sampled negatives."""
+    if ITEMS_KEY in batch:
+        return batch[ITEMS_KEY]
     parts = [batch[k].reshape(-1) for k in ("seq", "pos", "labels") if k in batch]
     ids = torch.unique(torch.cat(parts))
     return ids[(ids > 0) & (ids <= n_items)]
@@ -244,7 +249,13 @@ class RATAuxLoss:
     def __init__(self, cfg: RATConfig, n_items: int, id_table: torch.Tensor | None) -> None:
         self.cfg, self.n_items, self.alpha = cfg, n_items, cfg.effective_alpha
         self.id_table = None if id_table is None else id_table.detach().float()
-        self.last: dict[str, float] = {}  # the components of the latest call, for logging / tests
+        # The components of the latest call (detached 0-dim tensors: reading them is the caller's sync).
+        self.last: dict[str, torch.Tensor] = {}
+
+    def prepare(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The host batch plus its distinct item ids (srs.main calls this before moving the batch to the device:
+        `torch.unique` there would wait for the device on every step)."""
+        return {**batch, ITEMS_KEY: batch_items(batch, self.n_items)}
 
     def __call__(self, model: SRSBackbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         enc = model.item_encoder
@@ -258,12 +269,12 @@ class RATAuxLoss:
             align = info_nce(
                 e, target, self.cfg.gamma, form=self.cfg.align_form, normalize=self.cfg.align_normalize
             )
-            self.last["align"] = float(align.detach())
+            self.last["align"] = align.detach()
             total = total + self.alpha * align
         if self.cfg.residual_l2 > 0 and isinstance(enc, ResidualAdaptedEncoder):
             r = enc.residual(ids) * enc.gate(ids).unsqueeze(-1)  # (S, H)
             l2 = r.pow(2).sum(-1).mean()
-            self.last["residual_l2"] = float(l2.detach())
+            self.last["residual_l2"] = l2.detach()
             total = total + self.cfg.residual_l2 * l2
         return total
 

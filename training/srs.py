@@ -38,7 +38,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from models.srs import BACKBONES, FrozenTableEncoder, IDEncoder, ItemEncoder, SRSBackbone, SRSConfig, pad_left
+from models.srs import (
+    BACKBONES,
+    FrozenTableEncoder,
+    IDEncoder,
+    ItemEncoder,
+    SRSBackbone,
+    SRSConfig,
+    flat_targets,
+    pad_left,
+)
 from training.data.dataset import PreparedDataset
 
 CHECKPOINT_FORMAT = 1
@@ -172,7 +181,7 @@ def next_item_batch(
     pos = pad_left([w[1:] for w in windows], max_len)
     neg = sample_negatives(keys, users, n_items, tuple(pos.shape), rng)
     neg = torch.from_numpy(neg) * (pos > 0)
-    return {"seq": seq, "pos": pos, "neg": neg}
+    return {"seq": seq, "pos": pos, "neg": neg, "tgt": flat_targets(pos > 0)}
 
 
 def cloze_batch(
@@ -198,9 +207,9 @@ def cloze_batch(
     masked[empty, pick[empty]] = True
     masked[last_only] = False
     masked[last_only, length - 1] = valid[last_only, length - 1]
-    labels = np.where(masked, tokens, 0)
+    labels = torch.from_numpy(np.where(masked, tokens, 0))
     tokens = np.where(masked, n_items + 1, tokens)
-    return {"seq": torch.from_numpy(tokens), "labels": torch.from_numpy(labels)}
+    return {"seq": torch.from_numpy(tokens), "labels": labels, "tgt": flat_targets(labels > 0)}
 
 
 class TrainBatches:
@@ -247,6 +256,8 @@ class TrainBatches:
 
 # ---- the job --------------------------------------------------------------------------------------------------
 AuxLoss = Callable[[SRSBackbone, dict[str, torch.Tensor]], torch.Tensor]
+# An aux loss may also have `prepare(batch) -> batch`, called on the host batch before it moves to the device
+# (e.g. RAT's distinct item ids, computed there so that the step needs no device-to-host sync).
 
 
 def main(
@@ -282,30 +293,38 @@ def main(
     history: list[dict[str, Any]] = []
     best_val, best_epoch, best_state = float("-inf"), 0, None
     bar = tqdm(range(1, cfg.max_epochs + 1), desc=f"{cfg.backbone} {data.name}", unit="epoch", disable=None)
+    prepare = getattr(aux_loss, "prepare", None)
+    pin = device.type == "cuda"
     for epoch in bar:
         model.train()
-        t0, total, aux_total, count = time.perf_counter(), 0.0, 0.0, 0
+        t0, count = time.perf_counter(), 0
+        # Running sums stay on the device: a per-step .item() would stall the host on every step.
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        aux_total = torch.zeros((), dtype=torch.float64, device=device)
         for batch in batches:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            if prepare is not None:
+                batch = prepare(batch)
+            batch = {
+                k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in batch.items()
+            }
             loss = model.loss(batch)
             if aux_loss is not None:
                 aux = aux_loss(model, batch)
                 loss = loss + aux
-                aux_total += float(aux.detach())
+                aux_total += aux.detach()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total, count = total + loss.item(), count + 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+            total += loss.detach()
+            count += 1
         row: dict[str, Any] = {
             "epoch": epoch,
-            "loss": total / count,
+            "loss": float(total) / count,  # waits for the epoch's last step
             "seconds": time.perf_counter() - t0,
             "val_N@10": None,
         }
         if aux_loss is not None:
-            row["aux"] = aux_total / count
+            row["aux"] = float(aux_total) / count
         if epoch % cfg.eval_every == 0 or epoch == cfg.max_epochs:
             row["val_N@10"] = val = _validate(model, evaluator, cfg.val_protocol)
             if val > best_val:

@@ -12,7 +12,9 @@ from models.srs.base import (
     ItemEncoder,
     SRSBackbone,
     SRSConfig,
+    flat_targets,
     pad_left,
+    target_rows,
 )
 from models.srs.bert4rec import Bert4Rec
 from models.srs.gru4rec import GRU4Rec
@@ -41,5 +43,7 @@ __all__ = [
     "SRSBackbone",
     "SRSConfig",
     "build_backbone",
+    "flat_targets",
     "pad_left",
+    "target_rows",
 ]

@@ -122,6 +122,23 @@ class SRSBackbone(nn.Module):
         return self.item_encoder.table()
 
 
+def target_rows(x: torch.Tensor, mask: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """x[mask] for x (B, L, ...) and a (B, L) mask: the rows of the target positions, in row-major order.
+
+    index: the same positions as flat indices into B * L (`flat_targets(mask)`, computed on the host when the
+    batch is built). Gathering through it gives the same rows without the device-to-host sync that boolean
+    indexing needs to learn the result's size.
+    """
+    if index is None:
+        return x[mask]
+    return x.reshape(-1, *x.shape[2:]).index_select(0, index)
+
+
+def flat_targets(mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool -> flat indices of its True entries (row-major), for `target_rows`."""
+    return torch.nonzero(mask.reshape(-1), as_tuple=True)[0]
+
+
 def pad_left(seqs: list, max_len: int, length: int | None = None) -> torch.Tensor:
     """Left-pad (and left-truncate to the most recent `max_len`) id sequences into a LongTensor (B, L).
 

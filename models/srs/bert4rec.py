@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.srs.base import IDEncoder, ItemEncoder, SRSBackbone, SRSConfig
+from models.srs.base import IDEncoder, ItemEncoder, SRSBackbone, SRSConfig, target_rows
 from models.srs.sasrec import TransformerStack, _check_encoder
 
 
@@ -58,5 +58,7 @@ class Bert4Rec(SRSBackbone):
         states = self.sequence_states(batch["seq"])
         labels = batch["labels"][:, -w:]
         m = labels > 0  # (B, L) masked positions
-        logits = states[m] @ self.item_encoder.table()[1:].T  # (M, n_items): column c is item c + 1
-        return F.cross_entropy(logits, labels[m] - 1)
+        index = batch.get("tgt") if batch["labels"].shape[1] <= w else None  # as in next_item_loss
+        rows = target_rows(states, m, index)
+        logits = rows @ self.item_encoder.table()[1:].T  # (M, n_items): column c is item c + 1
+        return F.cross_entropy(logits, target_rows(labels, m, index) - 1)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.srs.base import IDEncoder, ItemEncoder, SRSBackbone, SRSConfig
+from models.srs.base import IDEncoder, ItemEncoder, SRSBackbone, SRSConfig, target_rows
 
 
 def attention_mask(valid: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -130,29 +130,39 @@ def _check_encoder(config: SRSConfig, enc: ItemEncoder) -> ItemEncoder:
 
 
 def next_item_bce(
-    states: torch.Tensor, item_encoder: ItemEncoder, pos: torch.Tensor, neg: torch.Tensor
+    states: torch.Tensor,
+    item_encoder: ItemEncoder,
+    pos: torch.Tensor,
+    neg: torch.Tensor,
+    index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """BCE with one sampled negative per position, averaged over positions whose target is not padding.
 
-    states: (B, L, H); pos / neg: (B, L) target and negative ids, 0 where there is no target.
+    states: (B, L, H); pos / neg: (B, L) target and negative ids, 0 where there is no target. index: optional
+    flat indices of those positions (`target_rows`), so that selecting them needs no device sync.
     """
     m = pos > 0  # (B, L)
-    h = states[m]  # (M, H)
-    pos_logit = (h * item_encoder(pos[m])).sum(-1)  # (M,)
-    neg_logit = (h * item_encoder(neg[m])).sum(-1)
+    h = target_rows(states, m, index)  # (M, H)
+    pos_logit = (h * item_encoder(target_rows(pos, m, index))).sum(-1)  # (M,)
+    neg_logit = (h * item_encoder(target_rows(neg, m, index))).sum(-1)
     pos_loss = F.binary_cross_entropy_with_logits(pos_logit, torch.ones_like(pos_logit))
     return pos_loss + F.binary_cross_entropy_with_logits(neg_logit, torch.zeros_like(neg_logit))
 
 
-def next_item_ce(states: torch.Tensor, item_encoder: ItemEncoder, pos: torch.Tensor) -> torch.Tensor:
+def next_item_ce(
+    states: torch.Tensor, item_encoder: ItemEncoder, pos: torch.Tensor, index: torch.Tensor | None = None
+) -> torch.Tensor:
     """Softmax cross-entropy over every catalog item, averaged over positions whose target is not padding.
 
     Unlike `next_item_bce`, every item is a negative at every position, popular ones included, which is what
-    full-ranking evaluation asks of the scores. states: (B, L, H); pos: (B, L), 0 where there is no target.
+    full-ranking evaluation asks of the scores. states: (B, L, H); pos: (B, L), 0 where there is no target;
+    index as in `next_item_bce`.
     """
     m = pos > 0
-    logits = states[m] @ item_encoder.table()[1:].T  # (M, n_items): column c is item c + 1
-    return F.cross_entropy(logits.float(), pos[m] - 1)
+    logits = (
+        target_rows(states, m, index) @ item_encoder.table()[1:].T
+    )  # (M, n_items): column c is item c + 1
+    return F.cross_entropy(logits.float(), target_rows(pos, m, index) - 1)
 
 
 def next_item_loss(
@@ -160,9 +170,11 @@ def next_item_loss(
 ) -> torch.Tensor:
     """The next-item backbones' training loss, as `config.loss` names it, over the last max_len positions."""
     w = config.max_len
+    # batch["tgt"] (training/srs.py): flat indices of the target positions, valid while nothing is cut off
+    index = batch.get("tgt") if batch["pos"].shape[1] <= w else None
     if config.loss == "ce":
-        return next_item_ce(states, item_encoder, batch["pos"][:, -w:])
-    return next_item_bce(states, item_encoder, batch["pos"][:, -w:], batch["neg"][:, -w:])
+        return next_item_ce(states, item_encoder, batch["pos"][:, -w:], index)
+    return next_item_bce(states, item_encoder, batch["pos"][:, -w:], batch["neg"][:, -w:], index)
 
 
 class SASRec(SRSBackbone):

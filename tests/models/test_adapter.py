@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models.adapter import AdaptedTableEncoder, Adapter, AdapterConfig
+from models.adapter import AdaptedTableEncoder, Adapter, AdapterConfig, adapt_rows
 from models.srs.base import FrozenTableEncoder, ItemEncoder
 
 
@@ -58,6 +58,16 @@ def test_forward_runs_the_adapter_only_on_distinct_ids():
     enc.adapter.w2.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[0]))
     enc(torch.tensor([[0, 0, 5, 5, 7], [5, 7, 7, 9, 0]]))
     assert seen == [4]  # {0, 5, 7, 9}, not 10 positions and not 1001 rows
+
+
+def test_per_position_path_gives_the_deduplicated_vectors():
+    # Accelerators skip the dedupe (torch.unique syncs with the device); the vectors must not change.
+    enc = make_encoder(n_items=50).eval()
+    ids = torch.tensor([[0, 0, 5, 5, 7], [5, 7, 7, 9, 0]])
+    once = adapt_rows(enc.adapter, enc.weight, ids, dedupe=True)
+    every = adapt_rows(enc.adapter, enc.weight, ids, dedupe=False)
+    torch.testing.assert_close(every, once, rtol=1e-6, atol=1e-6)
+    assert every.shape == (2, 5, enc.dim) and every[ids == 0].abs().sum() == 0
 
 
 def test_frozen_table_gets_no_grad_adapter_does():

@@ -15,7 +15,9 @@ from models.srs import (
     SASRec,
     SRSConfig,
     build_backbone,
+    flat_targets,
     pad_left,
+    target_rows,
 )
 
 N_ITEMS, HIDDEN, MAX_LEN = 30, 16, 12
@@ -224,3 +226,29 @@ def test_sasrec_positions_are_right_aligned() -> None:
         b = model(torch.tensor([[0, 0, 5]]))
     torch.testing.assert_close(a, b)
     assert isinstance(model, SASRec) and not isinstance(model, Bert4Rec)
+
+
+def test_target_rows_through_a_host_index_equal_boolean_indexing() -> None:
+    x = torch.randn(3, 5, 4)
+    mask = torch.rand(3, 5) > 0.4
+    index = flat_targets(mask)
+    torch.testing.assert_close(target_rows(x, mask, index), x[mask], rtol=0, atol=0)
+    torch.testing.assert_close(target_rows(x, mask), x[mask], rtol=0, atol=0)
+    assert index.tolist() == [i for i, m in enumerate(mask.reshape(-1).tolist()) if m]
+
+
+@pytest.mark.parametrize("loss", ["bce", "ce"])
+@pytest.mark.parametrize("name", NAMES)
+def test_loss_with_the_target_index_is_the_same_loss(name: str, loss: str) -> None:
+    # Training batches carry "tgt" (flat indices of the target positions) so the loss needs no device sync.
+    model = make(name, loss=loss).eval()
+    gen = torch.Generator().manual_seed(3)
+    seq = pad_left(
+        [torch.randint(1, N_ITEMS + 1, (n,), generator=gen) for n in (3, 9, MAX_LEN + 1)], MAX_LEN + 1
+    )
+    batch = batch_for(model, seq, gen)
+    key = "pos" if model.objective == "next" else "labels"
+    with torch.no_grad():
+        plain = model.loss(batch)
+        indexed = model.loss({**batch, "tgt": flat_targets(batch[key] > 0)})
+    torch.testing.assert_close(indexed, plain, rtol=0, atol=0)

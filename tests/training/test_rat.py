@@ -145,7 +145,7 @@ def test_alignment_term_weights_and_gradients(data, llm_table, id_table) -> None
     model = build_backbone("sasrec", TINY.srs_config(N_ITEMS), enc)
     aux = RATAuxLoss(cfg, N_ITEMS, id_table)
     value = aux(model, batch)
-    assert value.item() > 0 and value.item() == pytest.approx(0.5 * aux.last["align"], rel=1e-6)
+    assert value.item() > 0 and value.item() == pytest.approx(0.5 * float(aux.last["align"]), rel=1e-6)
     value.backward()
     assert enc.adapter.w1.weight.grad.abs().sum() > 0 and enc.adapter.w2.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.stack.parameters())  # the alignment only reaches item vectors
@@ -159,6 +159,18 @@ def test_alignment_term_weights_and_gradients(data, llm_table, id_table) -> None
         main(RATConfig(srs=TINY, method="LLMEmb"), data, llm_table, None)
     with pytest.raises(ValueError, match="shape"):
         main(RATConfig(srs=TINY, method="LLMEmb"), data, llm_table, id_table[:, :8])
+
+
+def test_prepare_puts_the_distinct_items_into_the_host_batch(data, llm_table, id_table) -> None:
+    batch = first_batch(data)
+    cfg = RATConfig(srs=TINY, method="LLMEmb", alpha=0.5, gamma=0.2)
+    enc, _ = build_item_encoder(cfg, data, llm_table)
+    model = build_backbone("sasrec", TINY.srs_config(N_ITEMS), enc)
+    aux = RATAuxLoss(cfg, N_ITEMS, id_table)
+    prepared = aux.prepare(batch)
+    assert set(prepared) == set(batch) | {"align_items"}
+    assert prepared["align_items"].tolist() == batch_items(batch, N_ITEMS).tolist()
+    torch.testing.assert_close(aux(model, prepared), aux(model, batch), rtol=0, atol=0)
 
 
 def test_batch_items_are_the_distinct_real_ids_of_the_sequences() -> None:
@@ -284,7 +296,7 @@ def test_srs_main_aux_loss_hook(data) -> None:
     cfg = replace(TINY, max_epochs=2)
     plain = srs_main(cfg, data)
     pulled = srs_main(cfg, data, aux_loss=shrink)
-    assert calls and calls[0] == {"seq", "pos", "neg"}
+    assert calls and calls[0] == {"seq", "pos", "neg", "tgt"}
     assert len(calls) == 2 * -(-data.n_users // cfg.batch_size)  # once per training step
     assert all("aux" in h and h["aux"] > 0 for h in pulled.history) and "aux" not in plain.history[0]
     seen = torch.from_numpy(data.item_popularity() > 0)

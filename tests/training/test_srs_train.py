@@ -75,6 +75,7 @@ def test_next_item_batches(data: PreparedDataset) -> None:
         assert torch.equal(pos[:, :-1][real], seq[:, 1:][real])  # pos is the next input item
         assert torch.equal(pos > 0, seq > 0) and torch.equal(neg > 0, pos > 0)
         assert not ((neg == pos) & (pos > 0)).any()
+        assert torch.equal(batch["tgt"], torch.nonzero((pos > 0).reshape(-1)).squeeze(1))  # target positions
         seen_rows += len(seq)
     assert seen_rows == batches.size == data.n_users and len(batches) == -(-data.n_users // 7)
     # The last training item is a target, the validation item never appears.
@@ -95,6 +96,7 @@ def test_cloze_batches_mask_at_least_one_and_the_last_view() -> None:
         orig = pad_left(seqs, 10)
         assert torch.equal(lab[masked], orig[masked]) and torch.equal(tok[~masked], orig[~masked])
         assert masked[2].nonzero().flatten().tolist() == [9]
+        assert torch.equal(b["tgt"], masked.reshape(-1).nonzero().squeeze(1))
 
 
 @pytest.mark.parametrize(
