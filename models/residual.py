@@ -114,6 +114,7 @@ class ResidualAdaptedEncoder(ItemEncoder):
         gate: PopularityGate,
         init_std: float = 0.0,
         dropout: float = 0.0,
+        init: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if table.ndim != 2 or table.shape[0] < 2:
@@ -130,8 +131,14 @@ class ResidualAdaptedEncoder(ItemEncoder):
         t[0] = 0
         self.register_buffer("weight", t)  # ē, frozen (same name as AdaptedTableEncoder's)
         self.residual = nn.Embedding(self.n_items + 1, self.dim, padding_idx=0)  # r
+        if init is not None and tuple(init.shape) != tuple(self.residual.weight.shape):
+            raise ValueError(
+                f"residual init has shape {tuple(init.shape)}, expected {tuple(self.residual.weight.shape)}"
+            )
         with torch.no_grad():
-            if init_std > 0:
+            if init is not None:
+                self.residual.weight.copy_(init)
+            elif init_std > 0:
                 self.residual.weight.normal_(0.0, init_std)
             else:
                 self.residual.weight.zero_()

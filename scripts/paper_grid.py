@@ -183,6 +183,9 @@ def build_jobs(args: argparse.Namespace) -> list[Job]:
                     ("LLMEmb+ID", tuned),
                 ):
                     rat("sasrec", m, seed, table, label=f"{m} (CE)", extra=ce)
+                # The residual starting where LLM2X starts (PCA of the SCFT table to H) instead of at zero.
+                lab = "LLMEmb+ID pcainit (CE)"
+                rat("sasrec", "LLMEmb+ID", seed, tuned, label=lab, extra=ce + ("--residual-pca-init",))
                 nxt = args.seeds[(args.seeds.index(seed) + 1) % len(args.seeds)]
                 if nxt != seed:
                     fuse(f"id-{d}-s{seed}", "ID-SASRec + ID-SASRec", seed, b_job=f"id-{d}-s{nxt}")

@@ -177,6 +177,11 @@ def _add_rat_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--residual-l2", type=float, default=0.0, help="L2 weight on the gated ID residual")
     p.add_argument("--residual-dropout", type=float, default=0.0, help="drop whole residual vectors")
+    p.add_argument(
+        "--residual-pca-init",
+        action="store_true",
+        help="start the ID residual at LLM2X's initialisation (PCA of the LLM table to the hidden size)",
+    )
 
 
 def _llm_name(path: Path) -> str:
@@ -307,6 +312,7 @@ def cmd_train_rat(args: argparse.Namespace) -> int:
             gate_scale=args.gate_scale,
             residual_l2=args.residual_l2,
             residual_dropout=args.residual_dropout,
+            residual_pca_init=args.residual_pca_init,
         )
         id_table = None
         if cfg.effective_alpha > 0:

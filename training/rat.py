@@ -16,7 +16,8 @@ Methods (`RATConfig.method`):
   "LLMEmb w/o freeze"    LLMEmb with the PCA'd table trainable.
   "LLMEmb w/o align"     LLMEmb with alpha = 0.
 Beyond the paper (models/residual.py):
-  "LLMEmb+ID"            e_i = adapter(ē_i) + r_i, r a trainable ID residual (init 0); alignment on adapter(ē_i).
+  "LLMEmb+ID"            e_i = adapter(ē_i) + r_i, r a trainable ID residual (init 0, or with `residual_pca_init`
+                         LLM2X's: the PCA of the LLM table to H); alignment on adapter(ē_i).
   "LLMEmb+gatedID"       e_i = adapter(ē_i) + g(c_i) r_i, g a function of the item's training count c_i
                          (`gate`: "linear" min(1, c/scale) or "sigmoid" learnable in log c; g(0) = 0).
 
@@ -92,6 +93,9 @@ class RATConfig:
     adapter_dropout: float = 0.0  # on the adapter's hidden code; 0 as in the paper
     # ---- residual variants only ("LLMEmb+ID", "LLMEmb+gatedID") ----
     residual_init_std: float = 0.0  # 0: training starts from exactly the LLMEmb encoder
+    # Start the residual at LLM2X's initialisation instead: the PCA of the method's LLM table to H (a variant;
+    # the residual then begins as an LLM-initialised ID table beside the frozen one, residual_init_std ignored).
+    residual_pca_init: bool = False
     residual_dropout: float = 0.0  # drop whole residual vectors (item falls back to its semantic vector)
     residual_l2: float = 0.0  # + residual_l2 * mean |g r_i|^2 over the batch's distinct items
     gate: str = "sigmoid"  # "LLMEmb+gatedID" only: "linear" | "sigmoid" (learnable; measured >= linear)
@@ -207,6 +211,10 @@ def build_item_encoder(
     table, pca = _projected(llm_table, d_m, pca)
     adapter = AdapterConfig(d_in=d_m, d_out=hidden, dropout=cfg.adapter_dropout)  # d_hidden = d_m // 2
     if cfg.method in EXTRA_METHODS:
+        if cfg.residual_pca_init and hidden > d_llm:
+            raise ValueError(
+                f"residual_pca_init projects d_llm={d_llm} to hidden={hidden}: needs hidden <= d_llm"
+            )
         counts = torch.from_numpy(data.item_popularity())
         if cfg.method == "LLMEmb+ID":
             gate = GateConfig(kind="none")
@@ -218,6 +226,7 @@ def build_item_encoder(
             adapter,
             PopularityGate(counts, gate),
             init_std=cfg.residual_init_std,
+            init=pca_table(llm_table, hidden)[0] if cfg.residual_pca_init else None,
             dropout=cfg.residual_dropout,
         )
         return enc, pca

@@ -271,6 +271,21 @@ def test_gated_residual_encoder(data, llm_table) -> None:
     assert enc.adapter.w1.weight.grad is None
 
 
+def test_residual_can_start_at_the_llm2x_initialisation(data, llm_table) -> None:
+    cfg = RATConfig(srs=TINY, method="LLMEmb+ID", residual_pca_init=True)
+    torch.manual_seed(0)
+    enc, pca = build_item_encoder(cfg, data, llm_table)
+    expected, _ = pca_table(llm_table, TINY.hidden)
+    torch.testing.assert_close(enc.residual.weight.detach(), expected, rtol=0, atol=0)
+    assert pca.k == cfg.resolve_d_m(llm_table.shape[1], N_ITEMS)  # new items still go through the d_m PCA
+    torch.manual_seed(0)
+    plain, _ = build_item_encoder(replace(cfg, residual_pca_init=False), data, llm_table)
+    ids = torch.arange(N_ITEMS + 1)
+    torch.testing.assert_close(enc(ids) - plain(ids), expected, rtol=1e-5, atol=1e-5)  # same adapter init
+    with pytest.raises(ValueError, match="hidden"):
+        build_item_encoder(replace(cfg, srs=replace(TINY, hidden=llm_table.shape[1] * 2)), data, llm_table)
+
+
 def test_residual_variant_trains_and_exports(data, llm_table, id_table, tmp_path) -> None:
     cfg = RATConfig(
         srs=replace(TINY, max_epochs=2), method="LLMEmb+gatedID", gate="sigmoid", residual_l2=1e-3
@@ -353,12 +368,14 @@ def test_cli_train_rat(tmp_path, canonical_dir) -> None:
             "LLMEmb+gatedID",
             "--llm-table",
             str(tmp_path / "llm.safetensors"),
+            "--residual-pca-init",
         ]
     )
     assert rc == 0
     run = tmp_path / "runs" / prepared.name / "sasrec" / "llmemb-gatedid-minilm" / "seed42"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["method"] == "LLMEmb+gatedID" and metrics["llm"] == "minilm"
+    assert json.loads((run / "rat.json").read_text())["rat_config"]["residual_pca_init"] is True
     assert load_checkpoint(run)[0].item_table().shape == (n + 1, 16)
     with pytest.raises(SystemExit, match="ID checkpoint"):
         cli_main(
