@@ -71,7 +71,9 @@ def worker(args: argparse.Namespace) -> None:
         warnings.simplefilter("always")
         res = rat_main(cfg, data, llm, ids)
         syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    steps = len(srs.TrainBatches(data, res.model.objective, cfg.srs, np.random.default_rng(0))) * len(res.history)
+    steps = len(srs.TrainBatches(data, res.model.objective, cfg.srs, np.random.default_rng(0))) * len(
+        res.history
+    )
     print(
         json.dumps(
             {
