@@ -186,6 +186,9 @@ def build_jobs(args: argparse.Namespace) -> list[Job]:
                 # The residual starting where LLM2X starts (PCA of the SCFT table to H) instead of at zero.
                 lab = "LLMEmb+ID pcainit (CE)"
                 rat("sasrec", "LLMEmb+ID", seed, tuned, label=lab, extra=ce + ("--residual-pca-init",))
+                # The residual dropped whole in training (the best Beauty row with the reference loss), with this loss.
+                lab = "LLMEmb+ID rdrop0.5 (CE)"
+                rat("sasrec", "LLMEmb+ID", seed, tuned, label=lab, extra=ce + ("--residual-dropout", "0.5"))
                 nxt = args.seeds[(args.seeds.index(seed) + 1) % len(args.seeds)]
                 if nxt != seed:
                     fuse(f"id-{d}-s{seed}", "ID-SASRec + ID-SASRec", seed, b_job=f"id-{d}-s{nxt}")
