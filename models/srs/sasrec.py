@@ -159,9 +159,8 @@ def next_item_ce(
     index as in `next_item_bce`.
     """
     m = pos > 0
-    logits = (
-        target_rows(states, m, index) @ item_encoder.table()[1:].T
-    )  # (M, n_items): column c is item c + 1
+    rows = target_rows(states, m, index)  # (M, H)
+    logits = rows @ item_encoder.table()[1:].T  # (M, n_items): column c is item c + 1
     return F.cross_entropy(logits.float(), target_rows(pos, m, index) - 1)
 
 
