@@ -55,7 +55,6 @@ def worker(args: argparse.Namespace) -> None:
         method=args.method,
         gamma=0.1,
     )
-    syncs: list[warnings.WarningMessage] = []
     if args.count_syncs:
         original = srs.TrainBatches.__iter__
 

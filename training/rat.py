@@ -240,8 +240,6 @@ ITEMS_KEY = "align_items"  # the batch key RATAuxLoss.prepare fills with batch_i
 def batch_items(batch: dict[str, torch.Tensor], n_items: int) -> torch.Tensor:
     """Distinct real item ids (sorted) of a training batch's sequences: "seq", "pos" / "labels"; no padding,
     no [mask] token, no sampled negatives."""
-    if ITEMS_KEY in batch:
-        return batch[ITEMS_KEY]
     parts = [batch[k].reshape(-1) for k in ("seq", "pos", "labels") if k in batch]
     ids = torch.unique(torch.cat(parts))
     return ids[(ids > 0) & (ids <= n_items)]
@@ -268,7 +266,8 @@ class RATAuxLoss:
 
     def __call__(self, model: SRSBackbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         enc = model.item_encoder
-        ids = batch_items(batch, self.n_items)  # (S,) distinct
+        # (S,) distinct: computed by prepare() on the host where srs.main called it
+        ids = batch[ITEMS_KEY] if ITEMS_KEY in batch else batch_items(batch, self.n_items)
         total = torch.zeros((), device=ids.device)
         if self.alpha > 0:
             if self.id_table.device != ids.device:

@@ -138,12 +138,17 @@ def test_frozen_table_gets_no_gradient_but_the_unfrozen_one_does(data, llm_table
     torch.testing.assert_close(res.model.item_encoder.weight, expected, rtol=0, atol=0)
 
 
-def test_alignment_term_weights_and_gradients(data, llm_table, id_table) -> None:
-    batch = first_batch(data)
+def aligned_step(data, llm_table, id_table):
+    """A first training batch, an aligned LLMEmb config (alpha 0.5, gamma 0.2), its SASRec and its aux loss."""
     cfg = RATConfig(srs=TINY, method="LLMEmb", alpha=0.5, gamma=0.2)
     enc, _ = build_item_encoder(cfg, data, llm_table)
     model = build_backbone("sasrec", TINY.srs_config(N_ITEMS), enc)
-    aux = RATAuxLoss(cfg, N_ITEMS, id_table)
+    return first_batch(data), cfg, model, RATAuxLoss(cfg, N_ITEMS, id_table)
+
+
+def test_alignment_term_weights_and_gradients(data, llm_table, id_table) -> None:
+    batch, cfg, model, aux = aligned_step(data, llm_table, id_table)
+    enc = model.item_encoder
     value = aux(model, batch)
     assert value.item() > 0 and value.item() == pytest.approx(0.5 * float(aux.last["align"]), rel=1e-6)
     value.backward()
@@ -162,11 +167,7 @@ def test_alignment_term_weights_and_gradients(data, llm_table, id_table) -> None
 
 
 def test_prepare_puts_the_distinct_items_into_the_host_batch(data, llm_table, id_table) -> None:
-    batch = first_batch(data)
-    cfg = RATConfig(srs=TINY, method="LLMEmb", alpha=0.5, gamma=0.2)
-    enc, _ = build_item_encoder(cfg, data, llm_table)
-    model = build_backbone("sasrec", TINY.srs_config(N_ITEMS), enc)
-    aux = RATAuxLoss(cfg, N_ITEMS, id_table)
+    batch, _, model, aux = aligned_step(data, llm_table, id_table)
     prepared = aux.prepare(batch)
     assert set(prepared) == set(batch) | {"align_items"}
     assert prepared["align_items"].tolist() == batch_items(batch, N_ITEMS).tolist()
