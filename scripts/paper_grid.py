@@ -203,6 +203,17 @@ def done(job: Job, work: Path) -> bool:
     return any((work / "jobs" / job.name).glob(job.done_file))
 
 
+def gpu_list(text: str) -> list[str]:
+    """``--gpus``: a count N -> cards 0..N-1 (N <= 1: leave CUDA_VISIBLE_DEVICES alone), or a comma list of card
+    ids -> those (one card: "2,")."""
+    parts = [x.strip() for x in text.split(",") if x.strip()]
+    if not parts or not all(x.isdigit() for x in parts):
+        raise argparse.ArgumentTypeError(f"--gpus takes a count or a comma list of card ids, got {text!r}")
+    if "," not in text:
+        return [str(i) for i in range(int(parts[0]))] if int(parts[0]) > 1 else []
+    return parts
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, required=True, help="work directory (jobs/, logs/)")
@@ -224,7 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scft-batch", type=int, default=128)
     p.add_argument("--parallel", type=int, default=16, help="jobs at once")
     p.add_argument(
-        "--gpus", type=int, default=1, help="spread jobs over this many GPUs (CUDA_VISIBLE_DEVICES)"
+        "--gpus",
+        type=gpu_list,
+        default=None,
+        help="spread jobs over GPUs (CUDA_VISIBLE_DEVICES, round robin): a count N (cards 0..N-1) or a list "
+        "of card ids such as 1,2,3 (leaving card 0 to other work; one card: '2,')",
     )
     p.add_argument(
         "--reuse-ids",
@@ -338,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
                     j.argv,
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    env=env if args.gpus <= 1 else dict(env, CUDA_VISIBLE_DEVICES=str(launched % args.gpus)),
+                    env=env
+                    if not args.gpus
+                    else dict(env, CUDA_VISIBLE_DEVICES=args.gpus[launched % len(args.gpus)]),
                     cwd=ROOT,
                     start_new_session=args.detach,
                 )

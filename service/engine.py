@@ -475,6 +475,7 @@ class _State:
             ivf_nprobe=s.index_ivf_nprobe,
             hnsw_m=s.index_hnsw_m,
             hnsw_ef_search=s.index_hnsw_ef_search,
+            scoring=s.index_scoring,
         )
 
     def recommender_spec(self) -> RecommenderSpec:

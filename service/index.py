@@ -50,12 +50,17 @@ class IndexConfig:
     hnsw_ef_search: int = 128
     train_sample: int = 100_000  # IVF k-means training rows (a random sample)
     seed: int = 0
+    scoring: str = (
+        "auto"  # exact top-k by "faiss", or on the backbone's "device" (service.recommender); "auto"
+    )
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"index kind must be one of {KINDS}, got {self.kind!r}")
         if self.approx_kind not in ("ivf", "hnsw"):
             raise ValueError(f"approx_kind must be 'ivf' or 'hnsw', got {self.approx_kind!r}")
+        if self.scoring not in ("auto", "faiss", "device"):
+            raise ValueError(f"scoring must be 'auto', 'faiss' or 'device', got {self.scoring!r}")
 
     def resolve(self, n: int) -> str:
         """The concrete kind for an index of n rows."""

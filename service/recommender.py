@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +60,15 @@ def apply_threads(threads: int | None) -> dict[str, int]:
         torch.set_num_threads(threads)
         faiss.omp_set_num_threads(threads)
     return {"torch_threads": torch.get_num_threads(), "faiss_threads": faiss.omp_get_max_threads()}
+
+
+def resolve_scoring(scoring: str, device: torch.device, exact: bool) -> str:
+    """``IndexConfig.scoring`` for a backbone on ``device`` over an index that is (``exact``) or is not exact:
+    "device" (exact top-k by matmul on the device) or "faiss". Auto picks the device on CUDA where the index is
+    exact anyway: the item table is already there, and faiss's exact search would run on the host's cores."""
+    if scoring == "auto":
+        return "device" if device.type == "cuda" and exact else "faiss"
+    return scoring
 
 
 def history_window(backbone: str, config: SRSConfig) -> int:
@@ -154,8 +164,11 @@ class Recommender:
         except (RuntimeError, ValueError) as e:
             raise RecommenderLoadError(f"srs/{self.backbone}.safetensors does not fit its config: {e}") from e
         self.index = ItemIndex(table, spec.index)
+        self.scoring = resolve_scoring(spec.index.scoring, self.device, self.index.exact)
         self.index_recall: float | None = None
-        if not self.index.exact:  # measure what approximation costs on this catalog
+        if (
+            self.scoring == "faiss" and not self.index.exact
+        ):  # measure what approximation costs on this catalog
             rng = np.random.default_rng(0)
             picks = rng.integers(1, self.index.n_rows, size=min(200, self.index.size))
             self.index_recall = recall_at_k(self.index, self.index.vectors()[picks], 10)
@@ -180,7 +193,7 @@ class Recommender:
         return None
 
     def index_info(self) -> dict[str, Any]:
-        return {**self.index.describe(), "recall_at_10": self.index_recall}
+        return {**self.index.describe(), "scoring": self.scoring, "recall_at_10": self.index_recall}
 
     def status(self) -> dict[str, Any]:
         return {
@@ -216,23 +229,53 @@ class Recommender:
         results = self.recommend_batch(prepared)
         return [(r.rows.tolist(), r.scores.tolist(), n) for r, n in zip(results, excluded)]
 
-    @torch.inference_mode()
     def recommend_batch(self, batch: list[tuple[tuple[int, ...], int, frozenset[int]]]) -> list[SearchResult]:
-        """Backbone forward (one call per group of similar history lengths) + faiss top-k with exclusion."""
-        seqs = [b[0] for b in batch]
+        """Backbone forward (one call per group of similar history lengths) + top-k with exclusion."""
+        return self.search(self.users([b[0] for b in batch]), batch)
+
+    @torch.inference_mode()
+    def users(self, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
+        """(B, dim) float32 on the backbone's device: the user vector of each history (already cut to the window)."""
         call_cost = _GROUP_CALL_COST_CUDA if self.device.type == "cuda" else _GROUP_CALL_COST_CPU
         groups = length_groups([len(s) for s in seqs], call_cost)
         if len(groups) == 1:
-            users = self.model(_pad_rows(seqs).to(self.device)).float().cpu().numpy()
-        else:
-            users = None
-            for idx in groups:
-                out = self.model(_pad_rows([seqs[i] for i in idx]).to(self.device))
-                out = out.float().cpu().numpy()
-                if users is None:
-                    users = np.empty((len(seqs), out.shape[1]), dtype=np.float32)
-                users[idx] = out
-        return self.index.search(users, [b[1] for b in batch], [b[2] for b in batch])
+            return self.model(_pad_rows(seqs).to(self.device)).float()
+        parts = [self.model(_pad_rows([seqs[i] for i in idx]).to(self.device)).float() for idx in groups]
+        order = np.argsort(np.fromiter((i for g in groups for i in g), dtype=np.int64, count=len(seqs)))
+        return torch.cat(parts)[torch.from_numpy(order).to(self.device)]
+
+    def search(
+        self, users: torch.Tensor, batch: Sequence[tuple[Sequence[int], int, Collection[int]]]
+    ) -> list[SearchResult]:
+        """Top-k rows per user vector, each request's excluded rows skipped (``batch``: (_, k, exclude))."""
+        if self.scoring == "device":
+            return self._search_table(users, batch)
+        return self.index.search(users.cpu().numpy(), [b[1] for b in batch], [b[2] for b in batch])
+
+    @torch.inference_mode()
+    def _search_table(
+        self, users: torch.Tensor, batch: Sequence[tuple[Sequence[int], int, Collection[int]]]
+    ) -> list[SearchResult]:
+        """Exact top-k on the backbone's device: scores against every row of the item table, padding row 0 and
+        each request's excluded rows set to -inf, one ``topk`` for the batch; only (B, k) goes to the host."""
+        table = self.item_rows.view()
+        scores = users @ table.T  # (B, rows)
+        scores[:, 0] = -math.inf
+        n_rows = table.shape[0]
+        hit_b = np.fromiter((i for i, b in enumerate(batch) for r in b[2] if 0 < r < n_rows), dtype=np.int64)
+        if len(hit_b):
+            hit_r = np.fromiter((r for b in batch for r in b[2] if 0 < r < n_rows), dtype=np.int64)
+            idx = torch.from_numpy(np.stack([hit_b, hit_r])).to(self.device)
+            scores[idx[0], idx[1]] = -math.inf
+        want = min(max(b[1] for b in batch), n_rows - 1)
+        top_s, top_r = torch.topk(scores, want, dim=1)
+        top_s, top_r = top_s.cpu().numpy(), top_r.cpu().numpy()
+        out = []
+        for i, b in enumerate(batch):
+            s, r = top_s[i, : b[1]], top_r[i, : b[1]]
+            keep = s > -np.inf
+            out.append(SearchResult(r[keep].astype(np.int64), s[keep].astype(np.float32)))
+        return out
 
     def apply_rows(self, rows: Sequence[int], item: np.ndarray) -> None:
         """Set the ``item`` vectors of ``rows`` (new rows continue the numbering) in the table the backbone reads

@@ -155,6 +155,12 @@ class Settings(BaseSettings):
     index_ivf_nprobe: int = Field(32, ge=1)
     index_hnsw_m: int = Field(32, ge=4)
     index_hnsw_ef_search: int = Field(128, ge=1)
+    index_scoring: Literal["auto", "faiss", "device"] = Field(
+        "auto",
+        description="where /v1/recommend's top-k runs: `faiss` (the faiss index, on the CPU), `device` (exact: "
+        "one matmul + top-k over the item table on the backbone's device, the index not consulted), `auto` "
+        "(device on CUDA where the index is exact, else faiss)",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -1,7 +1,8 @@
 """The engine in-process, no HTTP: loading, embedding in every space, registration (idempotent, conflicts, upsert,
 durable across a restart), recommendation (exclusion, truncation, unknown ids, same scores as our SASRec on the
 bundle's table), table files, reload without failed requests, ID-only and corrupt bundles. Recommendation,
-registration and reload run with the recommend path in this process and in a worker process (``worker_mode``)."""
+registration and reload run with the recommend path in this process and in a worker process (``worker_mode``);
+recommendation also with top-k by faiss and on the backbone's device (``index_scoring``)."""
 
 from __future__ import annotations
 
@@ -81,11 +82,13 @@ def test_embed_matches_the_bundle_tables(artifacts):
     run(go())
 
 
-def test_recommend_scores_exclusion_truncation_and_errors(artifacts, worker_mode):
+@pytest.mark.parametrize("scoring", ["faiss", "device"])
+def test_recommend_scores_exclusion_truncation_and_errors(artifacts, worker_mode, scoring):
     async def go():
-        engine = Engine(settings_for(artifacts, recommend_worker=worker_mode))
+        engine = Engine(settings_for(artifacts, recommend_worker=worker_mode, index_scoring=scoring))
         await engine.start()
         try:
+            assert engine.info()["index"]["scoring"] == scoring
             history = [f"t{i}" for i in (3, 7, 7, 12)]
             rec = await engine.recommend(history, k=10, exclude_seen=True)
             assert len(rec.items) == 10 and not rec.truncated and rec.history_used == 4 and rec.excluded == 3

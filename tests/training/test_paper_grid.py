@@ -29,8 +29,9 @@ def fake_jobs(mod, work: Path) -> list:
     def job(name: str, deps: list[str]) -> object:
         out = work / "jobs" / name / "run" / "metrics.json"
         code = (
-            "import pathlib, sys; p = pathlib.Path(sys.argv[1]); p.parent.mkdir(parents=True, exist_ok=True); "
-            "p.write_text('{}'); open(sys.argv[2], 'a').write(sys.argv[3] + '\\n')"
+            "import os, pathlib, sys; p = pathlib.Path(sys.argv[1]); p.parent.mkdir(parents=True, exist_ok=True); "
+            "p.write_text('{}'); open(sys.argv[2], 'a').write(sys.argv[3] + '\\n'); "
+            "pathlib.Path(sys.argv[2] + '-' + sys.argv[3]).write_text(os.environ.get('CUDA_VISIBLE_DEVICES', '-'))"
         )
         argv = [sys.executable, "-c", code, str(out), str(work / "ledger"), name]
         return mod.Job(name, argv, "**/metrics.json", deps)
@@ -71,3 +72,18 @@ def test_skip_leaves_jobs_out(grid, monkeypatch, tmp_path: Path) -> None:
     work = tmp_path / "s"
     run(grid, monkeypatch, work, "--skip", "LLMEmb")
     assert ledger(work) == ["id-d-s42"]
+
+
+@pytest.mark.parametrize(
+    "gpus,cards", [(None, ["-", "-"]), ("1", ["-", "-"]), ("2", ["1", "0"]), ("3,5", ["5", "3"]), ("4,", ["4", "4"])]
+)
+def test_gpus_spreads_jobs_over_a_count_or_a_list_of_cards(grid, monkeypatch, tmp_path: Path, gpus, cards) -> None:
+    work = tmp_path / "g"
+    run(grid, monkeypatch, work, *(["--gpus", gpus] if gpus else []))
+    names = ledger(work)
+    assert [(work / f"ledger-{n}").read_text() for n in names] == cards
+
+
+def test_gpus_rejects_what_is_not_a_count_or_card_ids(grid) -> None:
+    with pytest.raises(SystemExit):
+        grid.main(["--work", "w", "--dataset", "d", "--llm", "x", "--llm-name", "x", "--gpus", "cuda:1"])
