@@ -75,9 +75,12 @@ def test_skip_leaves_jobs_out(grid, monkeypatch, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "gpus,cards", [(None, ["-", "-"]), ("1", ["-", "-"]), ("2", ["1", "0"]), ("3,5", ["5", "3"]), ("4,", ["4", "4"])]
+    "gpus,cards",
+    [(None, ["-", "-"]), ("1", ["-", "-"]), ("2", ["1", "0"]), ("3,5", ["5", "3"]), ("4,", ["4", "4"])],
 )
-def test_gpus_spreads_jobs_over_a_count_or_a_list_of_cards(grid, monkeypatch, tmp_path: Path, gpus, cards) -> None:
+def test_gpus_spreads_jobs_over_a_count_or_a_list_of_cards(
+    grid, monkeypatch, tmp_path: Path, gpus, cards
+) -> None:
     work = tmp_path / "g"
     run(grid, monkeypatch, work, *(["--gpus", gpus] if gpus else []))
     names = ledger(work)
