@@ -166,9 +166,8 @@ class Recommender:
         self.index = ItemIndex(table, spec.index)
         self.scoring = resolve_scoring(spec.index.scoring, self.device, self.index.exact)
         self.index_recall: float | None = None
-        if (
-            self.scoring == "faiss" and not self.index.exact
-        ):  # measure what approximation costs on this catalog
+        # What approximation costs on this catalog (device scoring is exact: nothing to measure).
+        if self.scoring == "faiss" and not self.index.exact:
             rng = np.random.default_rng(0)
             picks = rng.integers(1, self.index.n_rows, size=min(200, self.index.size))
             self.index_recall = recall_at_k(self.index, self.index.vectors()[picks], 10)

@@ -1,6 +1,7 @@
 """The recommend path without the engine: exact top-k on the backbone's device (``scoring="device"``) returns what
 the faiss index returns, with exclusion, k past what is left, and rows appended or overwritten by apply_rows; and
-``auto`` picks the device only on CUDA with an exact index."""
+``auto`` picks the device only on CUDA with an exact index; user vectors of a batch split into length groups come
+back in the batch's order."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from service.recommender import Recommender, RecommenderSpec, resolve_scoring
 N_ITEMS, DIM, MAX_LEN = 300, 16, 12
 
 
-def spec(scoring: str, backbone: str = "sasrec", kind: str = "flat") -> RecommenderSpec:
+def spec(
+    scoring: str, backbone: str = "sasrec", kind: str = "flat", max_len: int = MAX_LEN
+) -> RecommenderSpec:
     torch.manual_seed(0)
-    cfg = SRSConfig(n_items=N_ITEMS, hidden=DIM, n_layers=1, dropout=0.0, max_len=MAX_LEN)
+    cfg = SRSConfig(n_items=N_ITEMS, hidden=DIM, n_layers=1, dropout=0.0, max_len=max_len)
     body = {
         k: v
         for k, v in build_backbone(backbone, cfg).state_dict().items()
@@ -92,3 +95,12 @@ def test_auto_scoring_picks_the_device_only_on_cuda_with_an_exact_index():
     assert rec.index_info()["kind"] == "hnsw" and rec.index_info()["recall_at_10"] is None
     with pytest.raises(ValueError, match="scoring must be"):
         IndexConfig(scoring="gpu")
+
+
+def test_histories_of_very_different_lengths_run_as_groups_and_come_back_in_order():
+    rec = Recommender(spec("faiss", max_len=200))
+    rng = np.random.default_rng(3)
+    seqs = [rng.integers(1, N_ITEMS + 1, size=n).tolist() for n in (2, 180, 3, 150, 1, 200)]
+    batched = rec.users(seqs)  # on the CPU: one backbone call per group of similar lengths
+    alone = torch.cat([rec.users([s]) for s in seqs])
+    torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-5)
