@@ -458,9 +458,9 @@ def offline_child(spec_path: Path) -> int:
         settings = Settings()
         if settings.torch_threads is None:  # as `llmemb serve` does (service.cli)
             settings = settings.model_copy(update={"torch_threads": serve_threads(settings.device)})
-        # The recommend path in this process whatever the server's LLMEMB_RECOMMEND_WORKER: "offline" is its batch
-        # function called directly, the same measurement in every mode.
-        settings = settings.model_copy(update={"recommend_worker": "thread"})
+        # The recommend and embed paths in this process whatever the server's LLMEMB_RECOMMEND_WORKER /
+        # LLMEMB_EMBED_WORKER: "offline" is their batch functions called directly, the same in every mode.
+        settings = settings.model_copy(update={"recommend_worker": "thread", "embed_worker": "thread"})
         engine = Engine(settings)
         t0 = time.perf_counter()
         await engine.start()
@@ -620,7 +620,7 @@ class Server:
         raise RuntimeError(f"the server was not ready within {timeout:.0f} s; log:\n{self.tail()}")
 
     def cpu_seconds(self) -> tuple[float, float, float]:
-        """CPU seconds of (the server process and its children, e.g. the recommend worker; its main thread = the
+        """CPU seconds of (the server process and its children, the recommend and embed workers; its main thread = the
         event loop; the children alone)."""
         children = sum(proc_cpu_seconds(pid) for pid in descendants(self.proc.pid))
         main = proc_cpu_seconds(self.proc.pid)
@@ -1183,8 +1183,9 @@ def main(argv: list[str] | None = None) -> int:
         ready = asyncio.run(server.wait_ready(timeout=600))
         print(f"server ready in {time.perf_counter() - t0:.1f} s: {ready}", flush=True)
         status, body = asyncio.run(http_get(server.port, "/v1/info", key))
-        worker = json.loads(body).get("recommend_worker") if status == 200 else None
-        print(f"recommend worker: {worker}", flush=True)
+        info = json.loads(body) if status == 200 else {}
+        worker = info.get("recommend_worker")
+        print(f"recommend worker: {worker}; embed worker: {info.get('embed_worker')}", flush=True)
         cells = asyncio.run(run_cells(args, server, key, work))
         for r in range(args.ratio_repeats):
             off = run_offline(embed=False)
@@ -1226,6 +1227,7 @@ def main(argv: list[str] | None = None) -> int:
         "pin": pin_note,
         "torch_threads": threads,
         "recommend_worker": worker,
+        "embed_worker": info.get("embed_worker"),
         "loadavg": [load0, loadavg()],
         "commit": commit,
         "settings": shown,

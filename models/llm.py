@@ -247,8 +247,10 @@ def _dtype_kwarg() -> str:
 class LLMEmbedder:
     """An LM with its tokenizer, turning texts into mean-pooled last-layer embeddings (contract: ``embed``)."""
 
-    def __init__(self, cfg: LLMConfig = LLMConfig()):
-        from transformers import AutoModel, AutoTokenizer
+    def __init__(self, cfg: LLMConfig = LLMConfig(), weights: bool = True):
+        """``weights=False``: the tokenizer and the model's config only (``model`` is None), for a process that
+        tokenizes while another one runs the model (the service's embed worker)."""
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         _offline()
         self.cfg = cfg
@@ -258,24 +260,31 @@ class LLMEmbedder:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         else:
             dtype = getattr(torch, cfg.dtype)
+        self.dtype = dtype
         self.tokenizer = prepare_tokenizer(
             AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
         )
-        kwargs = {"local_files_only": True, _dtype_kwarg(): dtype}
-        try:
-            model = AutoModel.from_pretrained(
-                self.model_dir, attn_implementation=cfg.attn_implementation, **kwargs
-            )
-        except (ValueError, ImportError) as error:
-            log.warning(
-                "attn_implementation=%r unavailable (%s); using eager", cfg.attn_implementation, error
-            )
-            model = AutoModel.from_pretrained(self.model_dir, attn_implementation="eager", **kwargs)
-        self.model: nn.Module = model.to(device).eval()
-        self.is_decoder = is_decoder_config(model.config)
-        self.hidden_size: int = model.config.hidden_size
+        self.model: nn.Module | None = None
+        if weights:
+            kwargs = {"local_files_only": True, _dtype_kwarg(): dtype}
+            try:
+                model = AutoModel.from_pretrained(
+                    self.model_dir, attn_implementation=cfg.attn_implementation, **kwargs
+                )
+            except (ValueError, ImportError) as error:
+                log.warning(
+                    "attn_implementation=%r unavailable (%s); using eager", cfg.attn_implementation, error
+                )
+                model = AutoModel.from_pretrained(self.model_dir, attn_implementation="eager", **kwargs)
+            self.model = model.to(device).eval()
+            config = model.config
+        else:
+            config = AutoConfig.from_pretrained(self.model_dir, local_files_only=True)
+        self._device = device
+        self.is_decoder = is_decoder_config(config)
+        self.hidden_size: int = config.hidden_size
         # The model cannot attend further than its position table, whatever max_length says.
-        limit = getattr(model.config, "max_position_embeddings", None) or cfg.max_length
+        limit = getattr(config, "max_position_embeddings", None) or cfg.max_length
         self.max_length = min(cfg.max_length, limit)
         # A few decoder tokenizers append EOS themselves (add_eos_token=True); such an EOS is taken off again.
         probe = self.tokenizer("a")["input_ids"]
@@ -284,7 +293,7 @@ class LLMEmbedder:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return next(self.model.parameters()).device if self.model is not None else self._device
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids per text (tokenizer's own special tokens, no EOS appended, cut to ``max_length``)."""

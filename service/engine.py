@@ -61,11 +61,11 @@ from safetensors import safe_open
 
 from models.bundle import BUNDLES_DIR, Bundle, BundleError, current_bundle_id, load_bundle
 from models.io import TABLE_KEY
-from models.llm import SHIPPED_SOURCES, LLMConfig, LLMEmbedder, load_lora, merge_lora
+from models.llm import SHIPPED_SOURCES, LLMConfig, LLMEmbedder
 from models.prompts import PromptConfig, build_prompt
 from models.srs import SRSConfig
 from service import batching
-from service.batching import length_groups
+from service.embedder import EmbedModel, EmbedSpec
 from service.errors import Conflict, InvalidInput, NotFound, NotReady, Overloaded, RequestTimeout
 from service.index import IndexConfig
 from service.overlay import Overlay, OverlayChanged, OverlayRecord
@@ -78,7 +78,7 @@ from service.recommender import (
 )
 from service.settings import Settings
 from service.tables import FORMATS, write_table
-from service.worker import RecommendWorker, WorkerCallError, WorkerUnavailable
+from service.worker import EmbedWorker, RecommendWorker, WorkerCallError, WorkerUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ SPACES = ("llm", "pca", "item")
 _ID_KEY = "item_encoder."
 # The error code (503) while the recommend worker process is down.
 WORKER_UNAVAILABLE = "recommend_worker_unavailable"
+EMBED_WORKER_UNAVAILABLE = "embed_worker_unavailable"
 
 
 class EngineLoadError(RuntimeError):
@@ -189,14 +190,6 @@ def _filtered(cls, raw: Mapping[str, Any], drop: Sequence[str] = ()) -> dict[str
     return {k: v for k, v in raw.items() if k in names and k not in drop}
 
 
-# One LLM call's fixed cost in prompt tokens, for grouping an embed batch by prompt length (batching.length_groups;
-# the backbone's counterpart is in service.recommender): on CPU a token costs ~4 ms (SmolLM2-135M) and a call's
-# overhead about one token, so a batch padded to its longest prompt (Beauty: mean 31 tokens, up to 64) wasted up
-# to half its time. CUDA: tokens are nearly free and every call is a round of kernel launches, so one call.
-_EMBED_CALL_COST_CPU = 4
-_EMBED_CALL_COST_CUDA = 1 << 20
-
-
 # --- one loaded bundle --------------------------------------------------------------------------------------
 
 
@@ -219,6 +212,9 @@ class _State:
         self.rec_batcher: batching.MicroBatcher | None = None
         self.consistency: dict[str, Any] = {}
         self.recommender: Recommender | RecommendWorker | None = None  # the recommend path, once started
+        # The embed path: here (LLMEMB_EMBED_WORKER=thread) or in a worker process (process, once started).
+        self.embed_model: EmbedModel | None = None
+        self.embed_worker: EmbedWorker | None = None
         self._item_table: np.ndarray | None = None
         self._cache_dir: Path | None = None
         self._table_cache: dict[tuple[str, str], list[TableFile]] = {}
@@ -238,6 +234,7 @@ class _State:
         st._load_catalog()
         st._load_llm()
         st._load_heads()
+        st._load_embed_model()
         st._load_item_table()
         st._load_backbone()
         st._load_overlay()
@@ -297,9 +294,11 @@ class _State:
             LLMConfig, raw, drop=("source", "device", "cache_dir", "dtype")
         )  # dtype: auto (bf16 on CUDA)
         cache = str(self.settings.cache_dir) if self.settings.cache_dir else None
+        # In process mode this process only tokenizes: the weights load in the embed worker (_load_embed_model).
+        weights = self.settings.embed_worker == "thread"
         try:
             cfg = LLMConfig(source=source, device=str(self.device), cache_dir=cache, **kw)
-            embedder = LLMEmbedder(cfg)
+            embedder = LLMEmbedder(cfg, weights=weights)
         except (FileNotFoundError, ValueError, OSError) as e:
             raise EngineLoadError(
                 f"bundle {self.bundle_id} needs the base LLM {source!r}, which cannot be loaded here ({e}); "
@@ -315,10 +314,8 @@ class _State:
             raise EngineLoadError(
                 f"base LLM {source!r} has hidden size {embedder.hidden_size}, the bundle says {m.base_llm.hidden_size}"
             )
+        self.llm_cfg = cfg
         lora = self.bundle.lora_dir
-        if lora is not None:
-            embedder.model = merge_lora(load_lora(embedder.model, lora)).eval()
-        embedder.model.requires_grad_(False)
         self.embedder = embedder
         prompt_raw = m.configs.get("prompt")
         prompt_kw = _filtered(PromptConfig, prompt_raw or {})
@@ -334,7 +331,7 @@ class _State:
             "sha256": embedder.source_sha256,
             "hidden_size": embedder.hidden_size,
             "max_length": embedder.max_length,
-            "dtype": str(next(embedder.model.parameters()).dtype).removeprefix("torch."),
+            "dtype": str(embedder.dtype).removeprefix("torch."),
             "lora": lora is not None,
             "prompt_config": "bundle" if prompt_raw is not None else "default",
         }
@@ -364,6 +361,26 @@ class _State:
                 raise EngineLoadError(
                     f"table {name!r} has dim {info.dim}, but the {name} space has {self.spaces[name]}"
                 )
+
+    def embed_spec(self) -> EmbedSpec:
+        """What the embed path is built from (in this process or the embed worker): picklable, on the CPU."""
+        lora = self.bundle.lora_dir
+        return EmbedSpec(
+            bundle_id=self.bundle_id,
+            llm=self.llm_cfg,
+            lora_dir=str(lora) if lora is not None else None,
+            pca=self.bundle.pca,
+            adapter=self.bundle.adapter(),
+            spaces=tuple(self.spaces),
+            threads=self.settings.torch_threads,
+        )
+
+    def _load_embed_model(self) -> None:
+        """In thread mode the LLM loaded by ``_load_llm`` gets its LoRA merged and becomes the embed path here;
+        in process mode the embed worker builds its own at start."""
+        if self.embedder is None or self.embedder.model is None:
+            return
+        self.embed_model = EmbedModel(self.embed_spec(), embedder=self.embedder)
 
     def _bundle_item_table(self) -> np.ndarray | None:
         """The bundle's item rows 0..n_items (row 0 zeros) as float32: ``tables/item``, else the ID table of the
@@ -522,6 +539,11 @@ class _State:
                 f"bundle {self.bundle_id} has no LLM (an ID-only bundle): embedding is not available",
                 code="embedding_unavailable",
             )
+        worker = self.embed_worker
+        if worker is not None and not worker.available:
+            raise NotReady(
+                worker.unavailable_reason or "the embed worker is not running", code=EMBED_WORKER_UNAVAILABLE
+            )
         if space not in self.spaces:
             raise Conflict(
                 f"bundle {self.bundle_id} cannot compute the {space!r} space (it has {sorted(self.spaces)})",
@@ -545,22 +567,14 @@ class _State:
 
     # ----- batch functions (worker threads) -----
 
-    @torch.inference_mode()
     def _embed_tokens(self, batch: list[list[int]]) -> list[dict[str, np.ndarray]]:
-        call_cost = _EMBED_CALL_COST_CUDA if self.device.type == "cuda" else _EMBED_CALL_COST_CPU
-        groups = length_groups([len(t) for t in batch], call_cost)
-        if len(groups) == 1:
-            pooled = self.embedder.forward_pooled(self.embedder.pad(batch))  # (B, d) fp32
-        else:  # one LLM call per group of similar prompt lengths, rows put back in the batch's order
-            parts = [self.embedder.forward_pooled(self.embedder.pad([batch[i] for i in g])) for g in groups]
-            order = np.argsort(np.fromiter((i for g in groups for i in g), dtype=np.int64, count=len(batch)))
-            pooled = torch.cat(parts)[torch.from_numpy(order).to(parts[0].device)]
-        out = {"llm": pooled}
-        if "pca" in self.spaces:
-            out["pca"] = self.pca.transform(pooled).float()
-            if "item" in self.spaces:
-                out["item"] = self.adapter(out["pca"]).float()
-        host = {k: v.cpu().numpy() for k, v in out.items()}
+        """The embed micro-batcher's batch function: one ``{space: vector}`` per prompt, by the embed path here
+        or in the embed worker."""
+        path = self.embed_worker if self.embed_worker is not None else self.embed_model
+        if path is None:  # process mode before the worker runs (load time: registered vectors to recompute)
+            log.info("bundle %s: loading the LLM in the server process to embed at load time", self.bundle_id)
+            path = self.embed_model = EmbedModel(self.embed_spec())
+        host = path.embed_tokens(batch)
         return [{k: v[i] for k, v in host.items()} for i in range(len(batch))]
 
     def _embed_sync(self, attrs: list[Mapping[str, Any]]) -> dict[str, np.ndarray]:
@@ -620,10 +634,33 @@ class _State:
 
     async def start(self, observer: batching.BatchObserver | None) -> None:
         if self.embedder is not None:
-            self.embed_batcher = self._batcher("embed", self._embed_tokens, len, observer)
+            if self.settings.embed_worker == "process":
+                await self._start_embed_worker()
+            self.embed_batcher = self._batcher(
+                "embed", self._embed_tokens, len, observer, expected_errors=(WorkerUnavailable,)
+            )
             await self.embed_batcher.start()
         if self.backbone_name is not None:
             await self._start_recommender(observer)
+
+    async def _start_embed_worker(self) -> None:
+        """The LLM + heads in a worker process of their own (service.worker, kind "embed")."""
+        s = self.settings
+        self.embed_model = None  # a model loaded here at load time (registered vectors to recompute) goes
+        worker = EmbedWorker(
+            spec_source=self.embed_spec,
+            lock=asyncio.Lock(),
+            batch_timeout_s=s.embed_request_timeout_s,
+            log_level=s.log_level,
+        )
+        try:
+            await worker.start(await asyncio.to_thread(self.embed_spec))
+        except (WorkerCallError, WorkerUnavailable) as e:
+            raise EngineLoadError(f"bundle {self.bundle_id}: {e}") from e
+        self.embed_worker = worker
+        if self.llm_info is not None and worker.dtype is not None:
+            self.llm_info["dtype"] = worker.dtype
+        self.llm_info = {**(self.llm_info or {}), "worker": "process"}
 
     async def _start_recommender(self, observer: batching.BatchObserver | None) -> None:
         """Build the recommend path (backbone + item table + index) where the settings say (in this process or a
@@ -707,6 +744,8 @@ class _State:
                 await b.stop(drain=True)
         if self.recommender is not None:
             await self.recommender.close()
+        if self.embed_worker is not None:
+            await self.embed_worker.close()
         if self._cache_dir is not None:
             shutil.rmtree(self._cache_dir, ignore_errors=True)
 
@@ -919,7 +958,7 @@ class Engine:
         except batching.BatcherClosed as e:
             raise NotReady(str(e)) from None
         except WorkerUnavailable as e:
-            raise NotReady(str(e), code=WORKER_UNAVAILABLE) from None
+            raise NotReady(str(e), code=e.code) from None
 
     # ----- validation -----
 
@@ -1293,6 +1332,7 @@ class Engine:
             "srs": srs,
             "index": st.recommender.index_info() if st.recommender else None,
             "recommend_worker": st.recommender.status() if st.recommender else None,
+            "embed_worker": st.embed_worker.status() if st.embed_worker else None,
             "device": str(st.device),
             "configs": {k: v for k, v in m.configs.items() if k in ("pca", "adapter", "lora", "training")},
             "dataset": m.dataset,
@@ -1303,12 +1343,23 @@ class Engine:
             "reloads": self.reloads,
         }
 
-    def unavailable_reason(self) -> str | None:
-        """Why the loaded bundle cannot serve everything it offers right now (its recommend worker process is
-        being restarted), else None. /ready answers 503 with it."""
+    def unavailable(self) -> tuple[str, str] | None:
+        """(error code, reason) why the loaded bundle cannot serve everything it offers right now (its recommend
+        or embed worker process is being restarted), else None. /ready answers 503 with it."""
         st = self._state
-        rec = st.recommender if st is not None else None
-        return rec.unavailable_reason if rec is not None else None
+        if st is None:
+            return None
+        for worker, code in (
+            (st.recommender, WORKER_UNAVAILABLE),
+            (st.embed_worker, EMBED_WORKER_UNAVAILABLE),
+        ):
+            if worker is not None and worker.unavailable_reason is not None:
+                return code, worker.unavailable_reason
+        return None
+
+    def unavailable_reason(self) -> str | None:
+        down = self.unavailable()
+        return down[1] if down is not None else None
 
     def stats(self) -> dict[str, Any]:
         """Numbers for /metrics: readiness, queue depths, catalog size, index, recommend worker."""
@@ -1325,6 +1376,8 @@ class Engine:
             index = st.recommender.index_info()
             out["index"] = {"kind": index.get("kind"), "recall_at_10": index.get("recall_at_10")}
             out["recommend_worker"] = st.recommender.status()
+        if st.embed_worker is not None:
+            out["embed_worker"] = st.embed_worker.status()
         return out
 
 

@@ -11,6 +11,8 @@ llmemb_catalog_items{source="bundle"|"registered"}     gauge
 llmemb_ready, llmemb_bundle_info{bundle_id}, llmemb_index_recall_at_10{kind}
 llmemb_recommend_worker_up{mode="thread"|"process"}   gauge: 0 while the recommend worker process is down
 llmemb_recommend_worker_restarts_total                 worker processes restarted after dying
+llmemb_embed_worker_up{mode="process"}, llmemb_embed_worker_restarts_total   the same for the embed worker process
+                                                       (LLMEMB_EMBED_WORKER=process only)
 """
 
 from __future__ import annotations
@@ -56,17 +58,19 @@ class _EngineCollector:
             info = GaugeMetricFamily("llmemb_bundle_info", "the bundle being served", labels=["bundle_id"])
             info.add_metric([s["bundle_id"]], 1.0)
             yield info
-        worker = s.get("recommend_worker")
-        if worker:
+        for kind in ("recommend", "embed"):
+            worker = s.get(f"{kind}_worker")
+            if not worker:
+                continue
             up = GaugeMetricFamily(
-                "llmemb_recommend_worker_up",
-                "1 while the recommend path can serve (its worker process is running)",
+                f"llmemb_{kind}_worker_up",
+                f"1 while the {kind} path can serve (its worker process is running)",
                 labels=["mode"],
             )
             up.add_metric([worker["mode"]], 1.0 if worker["available"] else 0.0)
             yield up
             restarts = CounterMetricFamily(
-                "llmemb_recommend_worker_restarts", "recommend worker processes restarted after dying"
+                f"llmemb_{kind}_worker_restarts", f"{kind} worker processes restarted after dying"
             )
             restarts.add_metric([], worker["restarts"])
             yield restarts

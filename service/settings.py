@@ -101,6 +101,13 @@ class Settings(BaseSettings):
         "see serve_threads)",
     )
     warmup: bool = True
+    embed_worker: Literal["thread", "process"] = Field(
+        "thread",
+        description="where the LLM of /v1/items/embed, /v1/embeddings and registration runs: `thread` (a thread of "
+        "the server process) or `process` (a worker process of its own, service/worker.py: the model's Python and "
+        "the event loop then do not share one GIL; on CUDA the eager forward is launch-bound Python, see "
+        "docs/BENCHMARKS.md)",
+    )
     recommend_worker: WorkerMode = Field(
         "auto",
         description="where /v1/recommend's backbone + index run: `process` (a worker process of their own, "

@@ -1,5 +1,10 @@
-"""The recommend worker process (``LLMEMB_RECOMMEND_WORKER=process``): the recommend path (SRS backbone + item
-table + faiss index, ``service.recommender.Recommender``) in a process of its own.
+"""Worker processes of the server: the recommend path (``LLMEMB_RECOMMEND_WORKER=process``: SRS backbone + item
+table + faiss index, ``service.recommender.Recommender``) and the embed path (``LLMEMB_EMBED_WORKER=process``: the
+LLM + PCA + adapter, ``service.embedder.EmbedModel``), each in a process of its own (``ProcessWorker``, with
+``RecommendWorker`` and ``EmbedWorker`` as the server's side; ``python -m service.worker --kind recommend|embed``).
+What follows describes the recommend worker; the embed worker works the same way with the ops ``load`` (an
+``EmbedSpec``), ``embed`` (token ids per prompt -> one float32 array per space) and ``stop``, and, having no state
+of its own, is restarted from the same spec.
 
 Why. In one process the server's event loop (HTTP, validation, bookkeeping) and the recommend batch function (the
 backbone's and the index's Python between GIL-free kernels) take turns on one GIL. Here the model has its own
@@ -54,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from service.embedder import EmbedModel, EmbedSpec
 from service.recommender import Recommender, RecommenderSpec, Request, Result, apply_threads
 
 log = logging.getLogger(__name__)
@@ -65,7 +71,12 @@ _STOP_TIMEOUT_S = 10.0
 
 
 class WorkerUnavailable(RuntimeError):
-    """The recommend worker is not running (it died, is being restarted, or the service is stopping)."""
+    """A worker process is not running (it died, is being restarted, or the service is stopping). ``code``: the
+    API error code, ``<kind>_worker_unavailable``."""
+
+    def __init__(self, message: str, kind: str = "recommend") -> None:
+        super().__init__(message)
+        self.code = f"{kind}_worker_unavailable"
 
 
 class WorkerCallError(RuntimeError):
@@ -162,20 +173,20 @@ def pack_results(rec: Recommender, batch: Sequence[Request]) -> tuple[np.ndarray
     return counts, rows, scores, np.asarray(excluded, dtype=np.int32)
 
 
-class RecommendWorker:
-    """The server's side of one recommend worker process (and of its replacements after a crash).
+class ProcessWorker:
+    """The server's side of one worker process of ``kind`` (and of its replacements after a crash).
 
-    ``spec_source()`` builds a ``RecommenderSpec`` of the catalog as it is now (called in a thread, under
-    ``lock``, for a restart). ``serve_batch`` and ``apply_rows`` block the calling thread and are meant for the
-    recommend micro-batcher's worker thread; everything else runs on the event loop.
+    ``spec_source()`` builds the spec to load (called in a thread, under ``lock``, for a restart). The calls block
+    the calling thread and are meant for a micro-batcher's worker thread; everything else runs on the event loop.
     """
 
     mode = "process"
+    kind = "recommend"
 
     def __init__(
         self,
         *,
-        spec_source: Callable[[], RecommenderSpec],
+        spec_source: Callable[[], Any],
         lock: asyncio.Lock,
         batch_timeout_s: float,
         log_level: str = "info",
@@ -190,11 +201,10 @@ class RecommendWorker:
         self._closing = False
         self._closed: asyncio.Event | None = None
         self._restart_task: asyncio.Task | None = None
-        self._reason: str | None = "the recommend worker is not started"
+        self._reason: str | None = f"the {self.kind} worker is not started"
         self._started_at = 0.0
         self._quick_deaths = 0
         self._threads: dict[str, int] = {}
-        self._index_info: dict[str, Any] = {}
         self.restarts = 0
 
     # ----- state, read on the event loop -----
@@ -212,9 +222,6 @@ class RecommendWorker:
         cur = self._current
         return cur.proc.pid if cur is not None else None
 
-    def index_info(self) -> dict[str, Any]:
-        return dict(self._index_info)
-
     def status(self) -> dict[str, Any]:
         return {
             "mode": self.mode,
@@ -227,9 +234,9 @@ class RecommendWorker:
 
     # ----- lifecycle (event loop) -----
 
-    async def start(self, spec: RecommenderSpec) -> None:
-        """Start the worker and build the recommend path there. ``WorkerCallError``: the build failed there (the
-        message says why); ``WorkerUnavailable``: the process died while loading."""
+    async def start(self, spec: Any) -> None:
+        """Start the worker and build its model there. ``WorkerCallError``: the build failed there (the message
+        says why); ``WorkerUnavailable``: the process died while loading."""
         self._loop = asyncio.get_running_loop()
         self._closed = asyncio.Event()
         await self._launch(spec)
@@ -256,7 +263,7 @@ class RecommendWorker:
         """``python -m service.worker`` with one end of a socketpair; a waiter thread reaps it when it exits."""
         parent, child = socket.socketpair()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path)}
-        argv = [sys.executable, "-m", "service.worker", "--fd", str(child.fileno())]
+        argv = [sys.executable, "-m", "service.worker", "--kind", self.kind, "--fd", str(child.fileno())]
         try:
             proc = subprocess.Popen(
                 [*argv, "--log-level", self._log_level],
@@ -270,11 +277,15 @@ class RecommendWorker:
         finally:
             child.close()
         threading.Thread(
-            target=self._wait, args=(proc,), name=f"recommend-worker-{proc.pid}", daemon=True
+            target=self._wait, args=(proc,), name=f"{self.kind}-worker-{proc.pid}", daemon=True
         ).start()
         return _Channel(proc, Connection(parent.detach()))
 
-    async def _launch(self, spec: RecommenderSpec) -> None:
+    def _loaded(self, info: dict[str, Any]) -> None:
+        """What the worker's ``load`` answered (its thread counts, and what a subclass reads)."""
+        self._threads = {k: info[k] for k in ("torch_threads", "faiss_threads") if k in info}
+
+    async def _launch(self, spec: Any) -> None:
         channel = self._spawn()
         proc = channel.proc
         self._launching = proc
@@ -288,27 +299,23 @@ class RecommendWorker:
         if self._closing:
             await asyncio.to_thread(self._shutdown, channel)
             raise WorkerUnavailable("the service is stopping")
-        self._threads = {k: info[k] for k in ("torch_threads", "faiss_threads")}
-        self._index_info = info["index"]
+        self._loaded(info)
         self._started_at = time.monotonic()
         self._reason = None
         self._current = channel
         log.info(
-            "recommend worker pid %d ready in %.1f s (torch threads %d, faiss threads %d)",
-            proc.pid,
-            info["load_seconds"],
-            info["torch_threads"],
-            info["faiss_threads"],
+            "%s worker pid %d ready in %.1f s (%s)", self.kind, proc.pid, info["load_seconds"], self._threads
         )
 
-    def _load(self, channel: _Channel, spec: RecommenderSpec) -> dict[str, Any]:
+    def _load(self, channel: _Channel, spec: Any) -> dict[str, Any]:
         try:
             return channel.call("load", spec, None)
         except (EOFError, OSError) as e:
             channel.close()
             proc = channel.proc
             raise WorkerUnavailable(
-                f"the recommend worker process (pid {proc.pid}) {_exit_text(_exit_code(proc))} while loading"
+                f"the {self.kind} worker process (pid {proc.pid}) {_exit_text(_exit_code(proc))} while loading",
+                self.kind,
             ) from e
         except BaseException:
             channel.close()
@@ -322,7 +329,7 @@ class RecommendWorker:
         try:
             proc.wait(timeout=_STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            log.warning("recommend worker pid %d did not exit after 'stop': killing it", proc.pid)
+            log.warning("%s worker pid %d did not exit after 'stop': killing it", self.kind, proc.pid)
             _kill(proc)
             proc.wait()
 
@@ -345,11 +352,11 @@ class RecommendWorker:
         delay = 0.0 if self._quick_deaths == 0 else min(_MAX_BACKOFF_S, 2.0 ** (self._quick_deaths - 1))
         self._quick_deaths += 1
         self._reason = (
-            f"the recommend worker process (pid {proc.pid}) {_exit_text(code)}; it is being restarted"
+            f"the {self.kind} worker process (pid {proc.pid}) {_exit_text(code)}; it is being restarted"
         )
         log.error("%s%s", self._reason, f" in {delay:g} s" if delay else "")
         self._restart_task = self._loop.create_task(
-            self._restart(current, delay), name="recommend-worker-restart"
+            self._restart(current, delay), name=f"{self.kind}-worker-restart"
         )
 
     async def _restart(self, old: _Channel, delay: float) -> None:
@@ -370,11 +377,11 @@ class RecommendWorker:
                 if self._closing:
                     return
                 delay = min(_MAX_BACKOFF_S, max(1.0, 2 * delay))
-                self._reason = f"the recommend worker could not be restarted ({e}); retrying in {delay:g} s"
-                log.exception("recommend worker restart failed")
+                self._reason = f"the {self.kind} worker could not be restarted ({e}); retrying in {delay:g} s"
+                log.exception("%s worker restart failed", self.kind)
                 continue
             self.restarts += 1
-            log.warning("recommend worker restarted: pid %s", self.pid)
+            log.warning("%s worker restarted: pid %s", self.kind, self.pid)
             return
 
     # ----- calls (the micro-batcher's thread) -----
@@ -382,22 +389,42 @@ class RecommendWorker:
     def _request(self, op: str, payload: Any, timeout: float | None) -> Any:
         current = self._current
         if current is None or self._closing:
-            raise WorkerUnavailable(self._reason or "the recommend worker is not running")
+            raise WorkerUnavailable(self._reason or f"the {self.kind} worker is not running", self.kind)
         proc = current.proc
         try:
             return current.call(op, payload, timeout)
         except TimeoutError:
-            log.error("recommend worker pid %d did not answer within %g s: killing it", proc.pid, timeout)
+            log.error("%s worker pid %d did not answer within %g s: killing it", self.kind, proc.pid, timeout)
             _kill(proc)
             raise WorkerUnavailable(
-                f"the recommend worker process (pid {proc.pid}) did not answer within {timeout:g} s and "
-                "was killed; it is being restarted"
+                f"the {self.kind} worker process (pid {proc.pid}) did not answer within {timeout:g} s and "
+                "was killed; it is being restarted",
+                self.kind,
             ) from None
         except (EOFError, OSError):
             raise WorkerUnavailable(
-                f"the recommend worker process (pid {proc.pid}) {_exit_text(_exit_code(proc))}; "
-                "it is being restarted"
+                f"the {self.kind} worker process (pid {proc.pid}) {_exit_text(_exit_code(proc))}; "
+                "it is being restarted",
+                self.kind,
             ) from None
+
+
+class RecommendWorker(ProcessWorker):
+    """The recommend worker process: the recommend path (``Recommender``) built from a ``RecommenderSpec`` of the
+    catalog as it is now. ``serve_batch`` and ``apply_rows`` are for the recommend micro-batcher's thread."""
+
+    kind = "recommend"
+
+    def __init__(self, *, spec_source: Callable[[], RecommenderSpec], **kw: Any) -> None:
+        super().__init__(spec_source=spec_source, **kw)
+        self._index_info: dict[str, Any] = {}
+
+    def _loaded(self, info: dict[str, Any]) -> None:
+        super()._loaded(info)
+        self._index_info = info["index"]
+
+    def index_info(self) -> dict[str, Any]:
+        return dict(self._index_info)
 
     def serve_batch(self, batch: Sequence[Request]) -> list[Result]:
         """The micro-batcher's batch function: the batch goes to the worker, its results come back."""
@@ -409,11 +436,48 @@ class RecommendWorker:
         self._index_info = self._request("apply", payload, None)
 
 
+class EmbedWorker(ProcessWorker):
+    """The embed worker process (``LLMEMB_EMBED_WORKER=process``): the LLM + PCA + adapter (``EmbedModel``) built
+    from an ``EmbedSpec``, so that the model's Python (kernel launches on CUDA) and the server's event loop do not
+    take turns on one GIL. ``embed_tokens`` is for the embed micro-batcher's thread."""
+
+    kind = "embed"
+
+    def __init__(self, *, spec_source: Callable[[], EmbedSpec], **kw: Any) -> None:
+        super().__init__(spec_source=spec_source, **kw)
+        self.dtype: str | None = None
+
+    def _loaded(self, info: dict[str, Any]) -> None:
+        super()._loaded(info)
+        self.dtype = info["dtype"]
+
+    def embed_tokens(self, batch: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+        """``EmbedModel.embed_tokens`` in the worker."""
+        return self._request("embed", [list(t) for t in batch], self._batch_timeout_s)
+
+
 # --- the worker process ---------------------------------------------------------------------------------------
 
 
-def _serve(conn: Connection) -> int:
-    rec: Recommender | None = None
+def _load(kind: str, spec: Any) -> tuple[Any, dict[str, Any]]:
+    """Build a worker's model from its spec; (model, what ``load`` answers)."""
+    start = time.perf_counter()
+    if kind == "embed":
+        info: dict[str, Any] = {"torch_threads": apply_threads(spec.threads)["torch_threads"]}
+        model: Any = EmbedModel(spec)
+        info["dtype"] = model.dtype
+    else:
+        info = apply_threads(spec.threads)  # before the build: IVF training uses them
+        model = Recommender(spec)
+        info["index"] = model.index_info()
+    gc.collect()
+    gc.freeze()  # what is loaded stays out of the cyclic GC's full passes
+    return model, {**info, "load_seconds": time.perf_counter() - start}
+
+
+def _serve(conn: Connection, kind: str = "recommend") -> int:
+    rec: Any = None  # a Recommender or an EmbedModel
+    ops = {"recommend": ("recommend", "apply"), "embed": ("embed",)}[kind]
     while True:
         try:
             op, payload = pickle.loads(conn.recv_bytes())
@@ -424,18 +488,13 @@ def _serve(conn: Connection) -> int:
                 conn.send_bytes(pickle.dumps((_OK, None)))
                 return 0
             if op == "load":
-                start = time.perf_counter()
-                threads = apply_threads(payload.threads)  # before the build: IVF training uses them
-                rec = Recommender(payload)
-                gc.collect()
-                gc.freeze()  # what is loaded stays out of the cyclic GC's full passes
-                value: Any = {
-                    "index": rec.index_info(),
-                    "load_seconds": time.perf_counter() - start,
-                    **threads,
-                }
+                rec, value = _load(kind, payload)
+            elif op not in ops:
+                raise ValueError(f"unknown op {op!r} for a {kind} worker")
             elif rec is None:
                 raise RuntimeError(f"{op!r} before 'load'")
+            elif op == "embed":
+                value = rec.embed_tokens(payload)
             elif op == "recommend":
                 value = pack_results(rec, payload)
             elif op == "apply":
@@ -456,8 +515,10 @@ def _serve(conn: Connection) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m service.worker",
-        description="The recommend worker process; started by the server (LLMEMB_RECOMMEND_WORKER=process).",
+        description="A worker process of the server: the recommend path (LLMEMB_RECOMMEND_WORKER=process) or the "
+        "embed model (LLMEMB_EMBED_WORKER=process).",
     )
+    p.add_argument("--kind", choices=["recommend", "embed"], default="recommend")
     p.add_argument("--fd", type=int, required=True, help="the server's socket (inherited file descriptor)")
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
@@ -466,9 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     level = args.log_level.upper()
     logging.basicConfig(
         level=logging.DEBUG if level == "TRACE" else getattr(logging, level, logging.INFO),
-        format="%(levelname)s:     recommend worker [%(process)d] %(message)s",
+        format=f"%(levelname)s:     {args.kind} worker [%(process)d] %(message)s",
     )
-    return _serve(Connection(args.fd))
+    return _serve(Connection(args.fd), args.kind)
 
 
 if __name__ == "__main__":

@@ -43,5 +43,6 @@ def idonly_artifacts(template, tmp_path) -> Path:
 
 @pytest.fixture(params=WORKER_MODES)
 def worker_mode(request) -> str:
-    """Where the recommend path runs (LLMEMB_RECOMMEND_WORKER): in the server process or a worker process."""
+    """Where the recommend path runs (LLMEMB_RECOMMEND_WORKER): in the server process or a worker process. The
+    register, reload and overload tests put the embed path there too (LLMEMB_EMBED_WORKER)."""
     return request.param

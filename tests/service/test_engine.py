@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
 import numpy as np
 import pytest
@@ -48,11 +49,18 @@ def served_scores(bundle_dir, table: torch.Tensor, history_rows: list[int]) -> t
         return model.score(user, table)[0]
 
 
-def test_embed_matches_the_bundle_tables(artifacts):
+@pytest.mark.parametrize("embed_worker", ["thread", "process"])
+def test_embed_matches_the_bundle_tables(artifacts, embed_worker):
     async def go():
-        engine = Engine(settings_for(artifacts))
+        engine = Engine(settings_for(artifacts, embed_worker=embed_worker))
         await engine.start()
         try:
+            worker = engine.info()["embed_worker"]
+            if embed_worker == "process":
+                assert worker["mode"] == "process" and worker["available"] and worker["pid"] != os.getpid()
+                assert engine._state.embedder.model is None  # this process only tokenizes
+            else:
+                assert worker is None and engine._state.embed_model is not None
             b = load_bundle(artifacts)
             attrs = [a for _, a in catalog()[:5]]
             for space in ("llm", "pca", "item"):
@@ -122,7 +130,7 @@ def test_recommend_scores_exclusion_truncation_and_errors(artifacts, worker_mode
 
 
 def test_register_is_idempotent_conflicts_upserts_and_survives_restart(artifacts, worker_mode):
-    settings = settings_for(artifacts, recommend_worker=worker_mode)
+    settings = settings_for(artifacts, recommend_worker=worker_mode, embed_worker=worker_mode)
 
     async def first():
         engine = Engine(settings)
@@ -243,7 +251,11 @@ def test_table_files_in_every_format(artifacts):
 
 def test_reload_switches_bundles_without_failing_in_flight_requests(artifacts, worker_mode):
     async def go():
-        engine = Engine(settings_for(artifacts, recommend_max_wait_ms=5.0, recommend_worker=worker_mode))
+        engine = Engine(
+            settings_for(
+                artifacts, recommend_max_wait_ms=5.0, recommend_worker=worker_mode, embed_worker=worker_mode
+            )
+        )
         await engine.start()
         try:
             first = engine.info()["recommend_worker"]

@@ -10,7 +10,7 @@ import random
 import numpy as np
 import pytest
 
-from service import engine as engine_module
+from service import embedder as embedder_module
 from service import recommender as recommender_module
 from service.api import fastpath
 from service.api.routes import recommend as recommend_route  # binds recommend_body before any patch
@@ -95,7 +95,7 @@ def test_recommend_fast_path_answers_as_the_route(artifacts, monkeypatch):
 
 def test_grouped_embed_batch_equals_single_items(artifacts, monkeypatch):
     """Prompts of different lengths in one embed batch, one LLM call per length, embed as they do alone."""
-    monkeypatch.setattr(engine_module, "_EMBED_CALL_COST_CPU", 0)
+    monkeypatch.setattr(embedder_module, "_CALL_COST_CPU", 0)
 
     async def go():
         engine = Engine(settings_for(artifacts, embed_max_wait_ms=200.0))

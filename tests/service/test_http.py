@@ -367,6 +367,7 @@ def test_overload_is_429_with_retry_after_and_metrics_can_require_auth(artifacts
     settings = settings_for(
         artifacts,
         recommend_worker=worker_mode,
+        embed_worker=worker_mode,
         api_keys=[API_KEY],
         recommend_max_queue=1,
         recommend_max_batch_size=1,
@@ -435,7 +436,11 @@ def test_registrations_survive_a_server_restart(artifacts, worker_mode):
 
 def test_reload_over_http_fails_no_in_flight_request(artifacts, worker_mode):
     settings = settings_for(
-        artifacts, api_keys=[API_KEY], recommend_max_wait_ms=5.0, recommend_worker=worker_mode
+        artifacts,
+        api_keys=[API_KEY],
+        recommend_max_wait_ms=5.0,
+        recommend_worker=worker_mode,
+        embed_worker=worker_mode,
     )
     with live_server(settings) as srv, srv.client() as c:
         stop = threading.Event()

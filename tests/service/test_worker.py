@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.service.helpers import (
     API_KEY,
@@ -159,3 +160,40 @@ def test_llmemb_serve_stopped_with_ctrl_c_leaves_no_process_behind(artifacts):
     assert server.returncode == 0, out
     assert "Traceback" not in out, out  # the worker ignored the Ctrl-C and was stopped by the server
     assert process_gone(pid)
+
+
+def test_a_killed_embed_worker_fails_its_requests_with_503_and_comes_back(artifacts):
+    settings = settings_for(artifacts, api_keys=[API_KEY], embed_worker="process")
+    with live_server(settings) as srv, srv.client() as c:
+        body = {"items": [KITE], "space": "item"}
+        before = c.post("/v1/items/embed", json=body).json()["data"][0]["embedding"]
+        pid = c.get("/v1/info").json()["embed_worker"]["pid"]
+        batcher = srv.app.state.engine._state.embed_batcher
+        results: dict[str, httpx.Response] = {}
+
+        def call() -> None:
+            with srv.client() as own:
+                results["embed"] = own.post("/v1/items/embed", json=body)
+
+        os.kill(pid, signal.SIGSTOP)  # it stops answering: the next batch stays in flight
+        t = threading.Thread(target=call)
+        t.start()
+        wait_until(lambda: batcher.in_flight == 1, "the batch was not sent")
+        os.kill(pid, signal.SIGKILL)
+        t.join(timeout=30)
+        err = assert_error(results["embed"], 503, "embed_worker_unavailable")
+        assert "SIGKILL" in err["message"] and results["embed"].headers["retry-after"] == "1"
+        # A new process takes a second or more to load the LLM: meanwhile /ready and embedding say why.
+        err = assert_error(c.get("/ready"), 503, "embed_worker_unavailable")
+        assert f"pid {pid}" in err["message"] and "restarted" in err["message"]
+        assert_error(c.post("/v1/items/embed", json=body), 503, "embed_worker_unavailable")
+        assert c.post("/v1/recommend", json={"history": ["t1"], "k": 3}).status_code == 200  # the rest serves
+
+        wait_ready(c)
+        status = c.get("/v1/info").json()["embed_worker"]
+        assert status["available"] and status["restarts"] == 1 and status["pid"] not in (pid, None)
+        assert process_gone(pid)
+        after = c.post("/v1/items/embed", json=body).json()["data"][0]["embedding"]
+        assert after == pytest.approx(before, abs=1e-5)
+        metrics = c.get("/metrics").text
+        assert "llmemb_embed_worker_restarts_total 1.0" in metrics and "llmemb_ready 1.0" in metrics

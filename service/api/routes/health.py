@@ -6,7 +6,6 @@ from fastapi import APIRouter, Request, Response
 
 from service.api.errors import error_response
 from service.api.schemas import ErrorResponse, Health, Ready
-from service.engine import WORKER_UNAVAILABLE
 
 router = APIRouter(tags=["service"])
 
@@ -31,10 +30,10 @@ async def health() -> Health:
 async def ready(request: Request):
     engine = request.app.state.engine
     if engine.ready:
-        down = engine.unavailable_reason()
+        down = engine.unavailable()
         if down is None:
             return Ready(bundle_id=engine.bundle_id)
-        return error_response(503, WORKER_UNAVAILABLE, down, headers={"Retry-After": "1"})
+        return error_response(503, *down, headers={"Retry-After": "1"})
     if engine.load_error:
         return error_response(
             503, "load_failed", f"no bundle loaded: {engine.load_error}", headers={"Retry-After": "5"}
