@@ -215,6 +215,7 @@ class _State:
         # The embed path: here (LLMEMB_EMBED_WORKER=thread) or in a worker process (process, once started).
         self.embed_model: EmbedModel | None = None
         self.embed_worker: EmbedWorker | None = None
+        self.embed_mode = "thread"  # settled by _load_llm (LLMEMB_EMBED_WORKER for this device)
         self._item_table: np.ndarray | None = None
         self._cache_dir: Path | None = None
         self._table_cache: dict[tuple[str, str], list[TableFile]] = {}
@@ -294,8 +295,9 @@ class _State:
             LLMConfig, raw, drop=("source", "device", "cache_dir", "dtype")
         )  # dtype: auto (bf16 on CUDA)
         cache = str(self.settings.cache_dir) if self.settings.cache_dir else None
-        # In process mode this process only tokenizes: the weights load in the embed worker (_load_embed_model).
-        weights = self.settings.embed_worker == "thread"
+        # In process mode this process only tokenizes: the weights load in the embed worker (_start_embed_worker).
+        self.embed_mode = self.settings.embed_worker_mode(cuda=self.device.type == "cuda")
+        weights = self.embed_mode == "thread"
         try:
             cfg = LLMConfig(source=source, device=str(self.device), cache_dir=cache, **kw)
             embedder = LLMEmbedder(cfg, weights=weights)
@@ -634,7 +636,7 @@ class _State:
 
     async def start(self, observer: batching.BatchObserver | None) -> None:
         if self.embedder is not None:
-            if self.settings.embed_worker == "process":
+            if self.embed_mode == "process":
                 await self._start_embed_worker()
             self.embed_batcher = self._batcher(
                 "embed", self._embed_tokens, len, observer, expected_errors=(WorkerUnavailable,)

@@ -101,12 +101,11 @@ class Settings(BaseSettings):
         "see serve_threads)",
     )
     warmup: bool = True
-    embed_worker: Literal["thread", "process"] = Field(
-        "thread",
+    embed_worker: WorkerMode = Field(
+        "auto",
         description="where the LLM of /v1/items/embed, /v1/embeddings and registration runs: `thread` (a thread of "
-        "the server process) or `process` (a worker process of its own, service/worker.py: the model's Python and "
-        "the event loop then do not share one GIL; on CUDA the eager forward is launch-bound Python, see "
-        "docs/BENCHMARKS.md)",
+        "the server process), `process` (a worker process of its own, service/worker.py), `auto` (process on CUDA, "
+        "else thread; see embed_worker_mode)",
     )
     recommend_worker: WorkerMode = Field(
         "auto",
@@ -209,6 +208,16 @@ class Settings(BaseSettings):
         if self.recommend_worker != "auto":
             return self.recommend_worker
         return "process" if cuda or usable_cores() >= 2 else "thread"
+
+    def embed_worker_mode(self, cuda: bool) -> Literal["thread", "process"]:
+        """``embed_worker`` resolved for a server whose device is (``cuda``) or is not CUDA.
+
+        ``auto`` is ``process`` on CUDA: there the eager forward is Python launching kernels, and on the server's GIL
+        it took turns with the event loop (an H100, 64 clients of one item each: 370 -> 740 req/s as a process,
+        docs/BENCHMARKS.md). On the CPU the forward's kernels release the GIL and compute dominates: ``thread``."""
+        if self.embed_worker != "auto":
+            return self.embed_worker
+        return "process" if cuda else "thread"
 
     @property
     def auth_enabled(self) -> bool:

@@ -41,6 +41,19 @@ def test_no_keys_is_allowed_only_on_loopback_or_explicitly():
         Settings(max_k=0)
 
 
+def test_the_embed_worker_is_a_process_on_cuda_unless_set(monkeypatch):
+    s = Settings()
+    assert s.embed_worker == "auto"
+    assert s.embed_worker_mode(cuda=False) == "thread" and s.embed_worker_mode(cuda=True) == "process"
+    monkeypatch.setenv("LLMEMB_EMBED_WORKER", "thread")
+    assert Settings().embed_worker_mode(cuda=True) == "thread"
+    monkeypatch.setenv("LLMEMB_EMBED_WORKER", "process")
+    assert Settings().embed_worker_mode(cuda=False) == "process"
+    monkeypatch.setenv("LLMEMB_EMBED_WORKER", "fork")
+    with pytest.raises(ValidationError, match="embed_worker"):
+        Settings()
+
+
 def test_the_recommend_worker_is_a_process_with_two_cores_or_on_cuda_unless_set(monkeypatch):
     from service import settings as settings_module
 
