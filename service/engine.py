@@ -648,7 +648,7 @@ class _State:
     async def _start_embed_worker(self) -> None:
         """The LLM + heads in a worker process of their own (service.worker, kind "embed")."""
         s = self.settings
-        self.embed_model = None  # a model loaded here at load time (registered vectors to recompute) goes
+        self.embed_model = None  # drop a copy loaded here at load time (to recompute registered vectors)
         worker = EmbedWorker(
             spec_source=self.embed_spec,
             lock=asyncio.Lock(),
