@@ -35,7 +35,6 @@ _CALL_COST_CUDA = 1 << 20
 class EmbedSpec:
     """Everything an ``EmbedModel`` is built from. Picklable: the embed worker process receives it."""
 
-    bundle_id: str
     llm: LLMConfig  # source, device, cache dir, pooling settings
     lora_dir: str | None  # the bundle's LoRA adapter, merged into the LLM at load
     pca: PCA | None  # on the CPU

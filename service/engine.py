@@ -84,9 +84,9 @@ log = logging.getLogger(__name__)
 
 SPACES = ("llm", "pca", "item")
 _ID_KEY = "item_encoder."
-# The error code (503) while the recommend worker process is down.
-WORKER_UNAVAILABLE = "recommend_worker_unavailable"
-EMBED_WORKER_UNAVAILABLE = "embed_worker_unavailable"
+# The error codes (503) while the recommend / embed worker process is down.
+WORKER_UNAVAILABLE = RecommendWorker.unavailable_code
+EMBED_WORKER_UNAVAILABLE = EmbedWorker.unavailable_code
 
 
 class EngineLoadError(RuntimeError):
@@ -368,7 +368,6 @@ class _State:
         """What the embed path is built from (in this process or the embed worker): picklable, on the CPU."""
         lora = self.bundle.lora_dir
         return EmbedSpec(
-            bundle_id=self.bundle_id,
             llm=self.llm_cfg,
             lora_dir=str(lora) if lora is not None else None,
             pca=self.bundle.pca,
@@ -660,9 +659,7 @@ class _State:
         except (WorkerCallError, WorkerUnavailable) as e:
             raise EngineLoadError(f"bundle {self.bundle_id}: {e}") from e
         self.embed_worker = worker
-        if self.llm_info is not None and worker.dtype is not None:
-            self.llm_info["dtype"] = worker.dtype
-        self.llm_info = {**(self.llm_info or {}), "worker": "process"}
+        self.llm_info["dtype"] = worker.dtype  # what the worker loaded (this process has no weights)
 
     async def _start_recommender(self, observer: batching.BatchObserver | None) -> None:
         """Build the recommend path (backbone + item table + index) where the settings say (in this process or a

@@ -72,11 +72,11 @@ _STOP_TIMEOUT_S = 10.0
 
 class WorkerUnavailable(RuntimeError):
     """A worker process is not running (it died, is being restarted, or the service is stopping). ``code``: the
-    API error code, ``<kind>_worker_unavailable``."""
+    API error code, the worker's ``unavailable_code``."""
 
-    def __init__(self, message: str, kind: str = "recommend") -> None:
+    def __init__(self, message: str, code: str) -> None:
         super().__init__(message)
-        self.code = f"{kind}_worker_unavailable"
+        self.code = code
 
 
 class WorkerCallError(RuntimeError):
@@ -181,7 +181,8 @@ class ProcessWorker:
     """
 
     mode = "process"
-    kind = "recommend"
+    kind: str  # "recommend" | "embed": names it in messages, logs and `python -m service.worker --kind`
+    unavailable_code: str  # the API error code (503) while it is down
 
     def __init__(
         self,
@@ -298,7 +299,7 @@ class ProcessWorker:
             self._launching = None
         if self._closing:
             await asyncio.to_thread(self._shutdown, channel)
-            raise WorkerUnavailable("the service is stopping")
+            raise WorkerUnavailable("the service is stopping", self.unavailable_code)
         self._loaded(info)
         self._started_at = time.monotonic()
         self._reason = None
@@ -315,7 +316,7 @@ class ProcessWorker:
             proc = channel.proc
             raise WorkerUnavailable(
                 f"the {self.kind} worker process (pid {proc.pid}) {_exit_text(_exit_code(proc))} while loading",
-                self.kind,
+                self.unavailable_code,
             ) from e
         except BaseException:
             channel.close()
@@ -389,7 +390,9 @@ class ProcessWorker:
     def _request(self, op: str, payload: Any, timeout: float | None) -> Any:
         current = self._current
         if current is None or self._closing:
-            raise WorkerUnavailable(self._reason or f"the {self.kind} worker is not running", self.kind)
+            raise WorkerUnavailable(
+                self._reason or f"the {self.kind} worker is not running", self.unavailable_code
+            )
         proc = current.proc
         try:
             return current.call(op, payload, timeout)
@@ -399,13 +402,13 @@ class ProcessWorker:
             raise WorkerUnavailable(
                 f"the {self.kind} worker process (pid {proc.pid}) did not answer within {timeout:g} s and "
                 "was killed; it is being restarted",
-                self.kind,
+                self.unavailable_code,
             ) from None
         except (EOFError, OSError):
             raise WorkerUnavailable(
                 f"the {self.kind} worker process (pid {proc.pid}) {_exit_text(_exit_code(proc))}; "
                 "it is being restarted",
-                self.kind,
+                self.unavailable_code,
             ) from None
 
 
@@ -414,6 +417,7 @@ class RecommendWorker(ProcessWorker):
     catalog as it is now. ``serve_batch`` and ``apply_rows`` are for the recommend micro-batcher's thread."""
 
     kind = "recommend"
+    unavailable_code = "recommend_worker_unavailable"
 
     def __init__(self, *, spec_source: Callable[[], RecommenderSpec], **kw: Any) -> None:
         super().__init__(spec_source=spec_source, **kw)
@@ -442,6 +446,7 @@ class EmbedWorker(ProcessWorker):
     take turns on one GIL. ``embed_tokens`` is for the embed micro-batcher's thread."""
 
     kind = "embed"
+    unavailable_code = "embed_worker_unavailable"
 
     def __init__(self, *, spec_source: Callable[[], EmbedSpec], **kw: Any) -> None:
         super().__init__(spec_source=spec_source, **kw)
