@@ -719,6 +719,118 @@ class CellResult:
         }
 
 
+def _client_shard(port: int, reqs: list[bytes], first: int, conc: int, t_go: float, t_meas: float,
+                  t_end: float, out) -> None:  # fmt: skip
+    """One load-generator process of ``--client-procs``: ``conc`` clients (request offsets from ``first``) from
+    ``t_go`` until ``t_end`` (time.monotonic, the same clock in every process); puts its records and its CPU
+    seconds over [t_meas, t_end] on ``out``."""
+
+    async def main() -> tuple[list, float]:
+        conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(conc)]
+        records: list[tuple[float, float, int]] = []
+        cpu = {}
+
+        async def client(i: int) -> None:
+            reader, writer = conns[i]
+            j = ((first + i) * 7919) % len(reqs)
+            append, clock = records.append, time.monotonic
+            while True:
+                t0 = clock()
+                if t0 >= t_end:
+                    return
+                writer.write(reqs[j])
+                j = (j + 1) % len(reqs)
+                status, length, chunked = _parse_head(await reader.readuntil(b"\r\n\r\n"))
+                await _read_body(reader, length, chunked)
+                t1 = clock()
+                if t_meas <= t1 <= t_end:
+                    append((t0, t1, status))
+
+        async def sampler() -> None:
+            await asyncio.sleep(max(0.0, t_meas - time.monotonic()))
+            cpu["0"] = time.process_time()
+            await asyncio.sleep(max(0.0, t_end - time.monotonic()))
+            cpu["1"] = time.process_time()
+
+        await asyncio.sleep(max(0.0, t_go - time.monotonic()))
+        await asyncio.gather(sampler(), *(client(i) for i in range(conc)))
+        for _, w in conns:
+            w.close()
+        return records, cpu["1"] - cpu["0"]
+
+    out.put(asyncio.run(main()))
+
+
+async def run_cell_procs(
+    server: Server,
+    key: str,
+    endpoint: str,
+    reqs: list[bytes],
+    conc: int,
+    items_per_request: int,
+    warmup_s: float,
+    duration_s: float,
+    queue: str,
+    procs: int,
+) -> CellResult:
+    """``run_cell`` with the clients spread over ``procs`` load-generator processes (one asyncio loop is about
+    one core and saturates near 10-20k req/s). The window is exactly ``duration_s`` long (no extension: meant
+    for the fast recommend cells); the clients stop at its end."""
+    import multiprocessing as mp
+
+    port = server.port
+    _, before = await http_get(port, "/metrics", key)
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    t_go = time.monotonic() + 3.0  # the spawned interpreters start and connect meanwhile
+    t_meas = t_go + warmup_s
+    t_end = t_meas + duration_s
+    shares = [conc // procs + (i < conc % procs) for i in range(procs)]
+    children = []
+    first = 0
+    for n in shares:
+        if n:
+            ch = ctx.Process(target=_client_shard, args=(port, reqs, first, n, t_go, t_meas, t_end, out))
+            ch.start()
+            children.append(ch)
+        first += n
+    await asyncio.sleep(max(0.0, t_meas - time.monotonic()))
+    srv0, loop0, wrk0 = server.cpu_seconds()
+    await asyncio.sleep(max(0.0, t_end - time.monotonic()))
+    srv1, loop1, wrk1 = server.cpu_seconds()
+    parts = [await asyncio.to_thread(out.get, True, 120) for _ in children]
+    drain0 = time.monotonic()
+    for ch in children:
+        await asyncio.to_thread(ch.join, 60)
+    _, after = await http_get(port, "/metrics", key)
+    bs0, bc0 = metric_sums(before.decode(), "llmemb_batch_size", queue)
+    bs1, bc1 = metric_sums(after.decode(), "llmemb_batch_size", queue)
+    errors: dict[str, int] = {}
+    lat = []
+    for records, _ in parts:
+        for t0, t1, status in records:
+            if status != 200:
+                errors[str(status)] = errors.get(str(status), 0) + 1
+            else:
+                lat.append(1000 * (t1 - t0))
+    return CellResult(
+        endpoint,
+        conc,
+        items_per_request,
+        t_end - t_meas,
+        len(lat),
+        errors,
+        lat,
+        srv1 - srv0,
+        loop1 - loop0,
+        wrk1 - wrk0,
+        sum(c for _, c in parts),
+        bc1 - bc0,
+        bs1 - bs0,
+        time.monotonic() - drain0,
+    )
+
+
 async def run_cell(
     server: Server,
     key: str,
@@ -856,6 +968,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--pin", choices=["auto", "split", "none"], default="auto")
     p.add_argument(
+        "--client-procs",
+        type=int,
+        default=1,
+        help="load-generator processes for the recommend cells (the clients are spread over them); with "
+        "--pin split they get the last --client-procs cores and the server the rest",
+    )
+    p.add_argument(
         "--torch-threads",
         type=int,
         default=None,
@@ -896,15 +1015,15 @@ def cell_plan(args: argparse.Namespace) -> list[tuple[str, list[int]]]:
     return plan
 
 
-def cores_for(pin: str) -> tuple[list[int] | None, list[int] | None, str]:
+def cores_for(pin: str, client_cores: int = 1) -> tuple[list[int] | None, list[int] | None, str]:
     avail = sorted(os.sched_getaffinity(0))
     if pin == "auto":
-        pin = "split" if len(avail) >= 3 else "none"
-    if pin == "split" and len(avail) >= 2:
+        pin = "split" if len(avail) >= 2 + client_cores else "none"
+    if pin == "split" and len(avail) > client_cores:
         return (
-            avail[:-1],
-            avail[-1:],
-            f"split: server on cores {avail[:-1]}, load generator on core {avail[-1]}",
+            avail[:-client_cores],
+            avail[-client_cores:],
+            f"split: server on cores {avail[:-client_cores]}, load generator on cores {avail[-client_cores:]}",
         )
     return None, None, f"none: server and load generator share cores {avail}"
 
@@ -1069,6 +1188,14 @@ async def run_cells(
         if name == "embed32":
             label = f"embed{args.embed_items}"
         for conc in concs:
+            if args.client_procs > 1 and name == "recommend":
+                res = await run_cell_procs(
+                    server, key, label, reqs, conc, per, args.warmup, args.duration, queue, args.client_procs
+                )
+                cells.append(res.summary())
+                print(f"{label:<10} c={conc:<3} {res.rps:>8.1f} req/s ({args.client_procs} client processes)  "
+                      f"p50 {res.pct(50):.2f}  p99 {res.pct(99):.2f} ms  errors {res.errors or 0}", flush=True)  # fmt: skip
+                continue
             res = await run_cell(
                 server,
                 key,
@@ -1102,7 +1229,7 @@ def main(argv: list[str] | None = None) -> int:
     where = machine(args.device)
     commit = args.commit or commit_of_tree()
     raw_out = args.raw_out or ROOT / ".bench" / "serve_last.json"
-    server_cores, client_cores, pin_note = cores_for(args.pin)
+    server_cores, client_cores, pin_note = cores_for(args.pin, args.client_procs)
     n_server = len(server_cores) if server_cores else len(os.sched_getaffinity(0))
     default = max(1, n_server - 1)  # service.settings.serve_threads on the server's cores
     if args.device.startswith("cuda"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Callable
 
 from fastapi import FastAPI
@@ -55,7 +56,8 @@ def create_app(
     settings = settings or Settings()
     settings.check_auth()
     engine = engine or Engine(settings)
-    metrics = Metrics(engine.stats)
+    multiprocess = settings.group_dir is not None and bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    metrics = Metrics(engine.group_stats, multiprocess=multiprocess)
     engine.observer = metrics
 
     @contextlib.asynccontextmanager
@@ -130,3 +132,20 @@ def create_app(
     app.add_middleware(AuthMiddleware, keys=settings.api_keys, open_paths=public)
     app.add_middleware(MetricsMiddleware, observe=metrics.observe_request)
     return app
+
+
+def group_app() -> FastAPI:
+    """The app of one of ``llmemb serve --processes N``'s HTTP processes (uvicorn's factory): settings from the
+    environment ``service.cli`` prepared; the first process to be ready prints the curl examples."""
+    from service.cli import EXAMPLES_MARK, curl_examples
+
+    settings = Settings()
+
+    def ready(engine: Engine) -> None:
+        try:
+            os.close(os.open(settings.group_dir / EXAMPLES_MARK, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except (FileExistsError, TypeError):
+            return
+        print("\n" + curl_examples(settings, engine) + "\n", flush=True)
+
+    return create_app(settings, on_ready=ready)

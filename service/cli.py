@@ -2,6 +2,7 @@
 
 llmemb serve                                   # artifacts/CURRENT on 127.0.0.1:8000
 LLMEMB_API_KEYS=$(openssl rand -hex 16) llmemb serve --host 0.0.0.0 --port 8080
+llmemb serve --processes 4                     # 4 HTTP processes on one port (a GPU host with many cores)
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default=None, help="LLMEMB_HOST, default 127.0.0.1")
     p.add_argument("--port", type=int, default=None, help="LLMEMB_PORT, default 8000")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="HTTP server processes on the one port (LLMEMB_PROCESSES, default 1); each holds the bundle and "
+        "worker processes of its own",
+    )
     p.add_argument("--log-level", default=None)
     p.add_argument("--no-examples", action="store_true", help="do not print curl examples once ready")
     p.set_defaults(func=serve)
@@ -90,6 +98,7 @@ def serve(args: argparse.Namespace) -> int:
             "host": args.host,
             "port": args.port,
             "device": args.device,
+            "processes": args.processes,
             "log_level": args.log_level,
         }.items()
         if v is not None
@@ -97,24 +106,57 @@ def serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings(**overrides)
         if settings.torch_threads is None:  # leave the event loop a core (settings.serve_threads)
-            settings = settings.model_copy(update={"torch_threads": serve_threads(settings.device)})
+            threads = serve_threads(settings.device, settings.processes)
+            settings = settings.model_copy(update={"torch_threads": threads})
         settings.check_auth()
         Engine(settings).bundle_path()  # fail now, with the reason, when there is nothing to serve
     except (SettingsError, EngineLoadError, ValueError) as e:
         print(f"llmemb serve: {e}", file=sys.stderr)
         return 2
 
+    run = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "access_log": settings.access_log,
+        "timeout_graceful_shutdown": 30,
+    }
+    if settings.processes > 1:
+        return _serve_group(settings, {**overrides, "torch_threads": settings.torch_threads}, args, run)
+
     def ready(engine) -> None:
         if not args.no_examples:
             print("\n" + curl_examples(settings, engine) + "\n", flush=True)
 
-    app = create_app(settings, on_ready=ready)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=settings.access_log,
-        timeout_graceful_shutdown=30,
-    )
+    uvicorn.run(create_app(settings, on_ready=ready), **run)
+    return 0
+
+
+EXAMPLES_MARK = "examples-printed"
+
+
+def _serve_group(settings: Settings, overrides: dict, args: argparse.Namespace, run: dict) -> int:
+    """``settings.processes`` HTTP processes on one listening socket (uvicorn's supervisor: it restarts one that
+    dies). They read their settings from the environment (``service.app.group_app``) and share a temporary
+    ``group_dir``: the bundle being served (reloads) and the metrics of every process."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import uvicorn
+
+    group = Path(tempfile.mkdtemp(prefix="llmemb-serve-"))
+    (group / "metrics").mkdir()
+    if args.no_examples:
+        (group / EXAMPLES_MARK).touch()
+    os.environ.update({f"LLMEMB_{k.upper()}": str(v) for k, v in overrides.items() if v is not None})
+    os.environ["LLMEMB_GROUP_DIR"] = str(group)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(
+        group / "metrics"
+    )  # read by the processes' prometheus_client
+    try:
+        uvicorn.run("service.app:group_app", factory=True, workers=settings.processes, **run)
+    finally:
+        shutil.rmtree(group, ignore_errors=True)
     return 0

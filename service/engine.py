@@ -46,6 +46,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -60,7 +61,7 @@ import torch
 from safetensors import safe_open
 
 from models.bundle import BUNDLES_DIR, Bundle, BundleError, current_bundle_id, load_bundle
-from models.io import TABLE_KEY
+from models.io import TABLE_KEY, atomic_open
 from models.llm import SHIPPED_SOURCES, LLMConfig, LLMEmbedder
 from models.prompts import PromptConfig, build_prompt
 from models.srs import SRSConfig
@@ -470,19 +471,24 @@ class _State:
                 cached[r.seq] = {s: vecs[s][i] for s in self.live_tables}
             self.overlay.rewrite_vectors(records, cached)
         for r in records:  # replay in order; an upsert repeats its row
-            if r.id in self.id_to_row:
-                row = self.id_to_row[r.id]
-                if row != r.row or row <= self.n_bundle:
-                    raise EngineLoadError(
-                        f"{self.overlay.items_path}: seq {r.seq} gives {r.id!r} row {r.row}, expected {row}"
-                    )
-            elif r.row != len(self.ids):
-                raise EngineLoadError(
-                    f"{self.overlay.items_path}: seq {r.seq} has row {r.row}, expected {len(self.ids)}"
-                )
+            self._check_replay(r)
             self._apply_catalog([r], {s: cached[r.seq][s][None, :] for s in self.live_tables})
             self.id_to_row[r.id] = r.row
         self.next_seq = max((r.seq for r in records), default=0) + 1
+
+    def _check_replay(self, r: OverlayRecord) -> None:
+        """An overlay line read back must continue the catalog as it is here (its row is the next one, or an
+        upsert's row of a registered item)."""
+        if r.id in self.id_to_row:
+            row = self.id_to_row[r.id]
+            if row != r.row or row <= self.n_bundle:
+                raise EngineLoadError(
+                    f"{self.overlay.items_path}: seq {r.seq} gives {r.id!r} row {r.row}, expected {row}"
+                )
+        elif r.row != len(self.ids):
+            raise EngineLoadError(
+                f"{self.overlay.items_path}: seq {r.seq} has row {r.row}, expected {len(self.ids)}"
+            )
 
     def _index_config(self) -> IndexConfig:
         s = self.settings
@@ -605,6 +611,40 @@ class _State:
             self.canon[r.row] = canonical(r.attributes)
             self.registered_at[r.row] = r.registered
         self.version += 1  # tables and id maps now include these rows
+
+    async def _publish(self, records: list[OverlayRecord], vectors: Mapping[str, np.ndarray]) -> None:
+        """Make durable overlay records visible (event loop, register lock held): catalog, then the recommend
+        path's table and index (between two batches; returns once applied), then the ids requests may name."""
+        self._apply_catalog(records, vectors)
+        rows = [r.row for r in records]
+        rec = self.recommender
+        if rec is not None and "item" in vectors:
+            try:
+                await self.rec_batcher.run_exclusive(lambda: rec.apply_rows(rows, vectors["item"]))
+            except WorkerUnavailable as e:
+                # The worker process is gone. Its replacement is built from the catalog, these rows
+                # included, once the register lock is released; recommend answers 503 until then.
+                log.warning("%d new catalog row(s) while the recommend worker was down: %s", len(rows), e)
+        for r in records:  # only now can requests name the new ids
+            self.id_to_row[r.id] = r.row
+        self.next_seq = max(self.next_seq, max(r.seq for r in records) + 1)
+
+    async def follow(self) -> int:
+        """Pick up the items other processes appended to the overlay (register lock held). Returns how many."""
+        records, cached = await asyncio.to_thread(self.overlay.tail)
+        if not records:
+            return 0
+        missing = [r for r in records if r.seq not in cached]
+        if missing:  # their writer's vector cache was lost: recompute them as a restart would
+            tokens = self.embedder.tokenize([build_prompt(r.attributes, self.prompt_cfg) for r in missing])
+            vecs = await asyncio.gather(*(self.embed_batcher.submit(t) for t in tokens))
+            for r, v in zip(missing, vecs):
+                cached[r.seq] = {s: v[s] for s in self.live_tables}
+        for r in records:  # one at a time: a later line may upsert an earlier one's row
+            self._check_replay(r)
+            await self._publish([r], {s: cached[r.seq][s][None, :] for s in self.live_tables})
+        log.info("picked up %d item(s) registered by another process", len(records))
+        return len(records)
 
     # ----- lifecycle (event loop) -----
 
@@ -829,6 +869,7 @@ class Engine:
         self.load_error: str | None = None
         self.loading = False
         self.reloads = 0
+        self._group_task: asyncio.Task | None = None
         apply_threads(settings.torch_threads)  # this process's torch pool, faiss on the event loop's thread
 
     # ----- lifecycle -----
@@ -875,7 +916,7 @@ class Engine:
         """Load the bundle and warm up; ``ready`` is True afterwards. Errors are raised and kept in load_error."""
         self.loading = True
         try:
-            self._state = await self._load(self.bundle_path())
+            self._state = await self._load(self._group_bundle() or self.bundle_path())
             self.load_error = None
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"
@@ -883,8 +924,15 @@ class Engine:
             raise
         finally:
             self.loading = False
+        if self.settings.group_dir is not None:
+            self._group_task = asyncio.create_task(self._follow_group(), name="llmemb-group")
 
     async def stop(self) -> None:
+        if self._group_task is not None:
+            self._group_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._group_task
+            self._group_task = None
         st, self._state = self._state, None
         if st is not None:
             st.retired = True
@@ -900,11 +948,16 @@ class Engine:
         """
         if self._reload_lock.locked():
             raise Conflict("a reload is already in progress", code="reload_in_progress")
+        try:
+            path = self.bundle_path(bundle_id)
+        except EngineLoadError as e:
+            raise NotFound(str(e), code="bundle_not_found") from e
+        res = await self._switch(path)
+        self._announce_bundle()
+        return res
+
+    async def _switch(self, path: Path) -> dict[str, Any]:
         async with self._reload_lock:
-            try:
-                path = self.bundle_path(bundle_id)
-            except EngineLoadError as e:
-                raise NotFound(str(e), code="bundle_not_found") from e
             old = self._state
             start = time.perf_counter()
             async with old.register_lock if old is not None else contextlib.nullcontext():
@@ -931,6 +984,93 @@ class Engine:
                 "current": new.bundle_id,
                 "seconds": round(seconds, 3),
             }
+
+    async def sync_catalog(self) -> None:
+        """Pick up items that other processes sharing this bundle's overlay registered (the HTTP processes of
+        ``llmemb serve --processes N``); one ``stat`` when there are none. Called before every catalog read."""
+        st = self._state
+        if st is None or not st.overlay.stale():
+            return
+        async with st.register_lock:
+            if not st.retired and st.overlay.stale():
+                await st.follow()
+
+    # ----- several HTTP processes (settings.group_dir) -----
+
+    _GROUP_BUNDLE = "bundle.json"
+    _GROUP_STATS = "stats"
+    GROUP_POLL_S = 0.5
+
+    def _group_bundle(self) -> Path | None:
+        """The bundle dir the process group serves (the last one a process reloaded to), if any."""
+        g = self.settings.group_dir
+        if g is None:
+            return None
+        try:
+            return Path(json.loads((g / self._GROUP_BUNDLE).read_text())["path"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _announce_bundle(self) -> None:
+        """Tell the other HTTP processes which bundle this one switched to (they follow within GROUP_POLL_S)."""
+        g = self.settings.group_dir
+        if g is None or self._state is None:
+            return
+        with atomic_open(g / self._GROUP_BUNDLE, "w", encoding="utf-8") as f:
+            json.dump({"path": str(self._state.bundle.path), "bundle_id": self.bundle_id}, f)
+
+    def group_stats(self) -> list[dict[str, Any]]:
+        """``stats()`` of every live HTTP process of the group (this one's fresh, the others' as they last wrote
+        them, at most a few poll intervals old); just this one's without a group."""
+        own = self.stats()
+        g = self.settings.group_dir
+        if g is None:
+            return [own]
+        out, now = [own], time.time()
+        for p in (g / self._GROUP_STATS).glob("*.json"):
+            if p.stem == str(os.getpid()):
+                continue
+            try:
+                if now - p.stat().st_mtime > 10 * self.GROUP_POLL_S:
+                    continue  # a process that died (or hangs)
+                out.append(json.loads(p.read_text()))
+            except (OSError, ValueError):
+                continue
+        return out
+
+    async def _follow_group(self) -> None:
+        """Every GROUP_POLL_S: publish this process's stats for the others' /metrics, and switch to the bundle
+        another process reloaded to."""
+        g = self.settings.group_dir
+        stats_dir = g / self._GROUP_STATS
+        stats_dir.mkdir(exist_ok=True)
+        mine = stats_dir / f"{os.getpid()}.json"
+        failed: Path | None = None
+        try:
+            while True:
+                try:
+                    with atomic_open(mine, "w", encoding="utf-8") as f:
+                        json.dump(self.stats(), f)
+                except OSError as e:
+                    log.warning("cannot write %s: %s", mine, e)
+                path = self._group_bundle()
+                st = self._state
+                if (
+                    path is not None
+                    and st is not None
+                    and path not in (st.bundle.path, failed)
+                    and not self._reload_lock.locked()
+                ):
+                    log.info("another HTTP process switched to %s: following", path)
+                    try:
+                        await self._switch(path)
+                    except Exception as e:  # keeps serving the old bundle (not retried until it changes)
+                        log.error("could not follow the other HTTP processes to %s: %s", path, e)
+                        failed = path
+                await asyncio.sleep(self.GROUP_POLL_S)
+        finally:
+            with contextlib.suppress(OSError):
+                mine.unlink()
 
     @contextlib.asynccontextmanager
     async def _use(self):
@@ -1097,7 +1237,14 @@ class Engine:
                 async with st.register_lock:
                     if st.retired:
                         continue  # a reload switched bundles while we waited: register into the new one
-                    return await self._register(st, items, upsert)
+                    # Other processes may append to the same overlay: hold its lock from reading their lines
+                    # to appending ours, so the rows handed out here are the next ones for everybody.
+                    await asyncio.to_thread(st.overlay.hold)
+                    try:
+                        await st.follow()
+                        return await self._register(st, items, upsert)
+                    finally:
+                        st.overlay.release()
 
     async def _register(self, st: _State, items, upsert: bool) -> RegisterResult:
         outcomes: list[RegisterOutcome] = []
@@ -1153,24 +1300,9 @@ class Engine:
             records = [OverlayRecord(row, i, a, st.next_seq + n, when) for n, (row, i, a) in enumerate(todo)]
             try:
                 await asyncio.to_thread(st.overlay.append, records, vectors)  # durable before it is visible
-            except OverlayChanged as e:
-                raise Conflict(
-                    f"{e}: items were registered by another process; POST /admin/reload to pick them up",
-                    code="overlay_changed",
-                ) from e
-            st.next_seq += len(records)
-            st._apply_catalog(records, vectors)
-            rows = [r.row for r in records]
-            rec = st.recommender
-            if rec is not None and "item" in vectors:
-                try:
-                    await st.rec_batcher.run_exclusive(lambda: rec.apply_rows(rows, vectors["item"]))
-                except WorkerUnavailable as e:
-                    # The worker process is gone. Its replacement is built from the catalog, these rows
-                    # included, once this call releases the register lock; recommend answers 503 until then.
-                    log.warning("registered %d item(s) while the recommend worker was down: %s", len(rows), e)
-            for r in records:  # only now can requests name the new ids
-                st.id_to_row[r.id] = r.row
+            except OverlayChanged as e:  # cannot happen while we hold the overlay lock; kept as a guard
+                raise Conflict(f"{e}; retry the registration", code="overlay_changed") from e
+            await st._publish(records, vectors)
         return RegisterResult(outcomes, st.n_items, st.bundle_id)
 
     def get_item(self, item_id: str) -> ItemRecord:
@@ -1196,6 +1328,7 @@ class Engine:
             )
         if not 1 <= k <= s.max_k:
             raise InvalidInput(f"k must be in [1, {s.max_k}], got {k}", code="invalid_k")
+        await self.sync_catalog()
         async with self._use() as st:
             st.require_recommend()
             lookup = st.id_to_row
@@ -1271,6 +1404,7 @@ class Engine:
         if fmt not in FORMATS:
             raise InvalidInput(f"unknown format {fmt!r}; use one of {list(FORMATS)}", code="invalid_format")
         self._table_state(name)
+        await self.sync_catalog()
         async with self._use() as st:
             return await st.table_file(name, fmt)
 
@@ -1340,6 +1474,7 @@ class Engine:
             "loaded_at": st.loaded_at,
             "load_seconds": round(st.load_seconds, 3),
             "reloads": self.reloads,
+            "process": {"pid": os.getpid(), "processes": self.settings.processes},
         }
 
     def unavailable(self) -> tuple[str, str] | None:

@@ -13,6 +13,13 @@ llmemb_recommend_worker_up{mode="thread"|"process"}   gauge: 0 while the recomme
 llmemb_recommend_worker_restarts_total                 worker processes restarted after dying
 llmemb_embed_worker_up{mode="process"}, llmemb_embed_worker_restarts_total   the same for the embed worker process
                                                        (LLMEMB_EMBED_WORKER=process only)
+llmemb_http_processes                                  HTTP processes serving (``llmemb serve --processes N``)
+
+With several HTTP processes (``llmemb serve --processes N``) any of them answers a scrape with the numbers of all:
+counters and histograms through prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, set by
+``llmemb serve`` in the group's directory), the gauges above from every process's stats (``Engine.group_stats``):
+queue depths, in-flight counts and worker restarts summed, ``llmemb_ready`` and ``*_worker_up`` 1 only when every
+process is, catalog and bundle as the answering process sees them.
 """
 
 from __future__ import annotations
@@ -27,15 +34,41 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
+def merge_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``Engine.stats()`` of several HTTP processes as one (the first is the answering process's)."""
+    out = dict(stats[0])
+    out["ready"] = all(s.get("ready") for s in stats)
+    queues: dict[str, dict[str, int]] = {}
+    for s in stats:
+        for name, q in s.get("queues", {}).items():
+            tot = queues.setdefault(name, {"depth": 0, "in_flight": 0})
+            tot["depth"] += q["depth"]
+            tot["in_flight"] += q["in_flight"]
+    out["queues"] = queues
+    for kind in ("recommend_worker", "embed_worker"):
+        if out.get(kind):
+            workers = [s[kind] for s in stats if s.get(kind)]
+            out[kind] = {
+                **out[kind],
+                "available": all(w["available"] for w in workers),
+                "restarts": sum(w["restarts"] for w in workers),
+            }
+    out["processes"] = len(stats)
+    return out
+
+
 class _EngineCollector:
-    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, stats: Callable[[], list[dict[str, Any]]]) -> None:
         self.stats = stats
 
     def describe(self):
         return []
 
     def collect(self):
-        s = self.stats()
+        s = merge_stats(self.stats())
+        procs = GaugeMetricFamily("llmemb_http_processes", "HTTP processes serving")
+        procs.add_metric([], s["processes"])
+        yield procs
         ready = GaugeMetricFamily("llmemb_ready", "1 while /ready answers 200")
         ready.add_metric([], 1.0 if s.get("ready") else 0.0)
         yield ready
@@ -88,7 +121,10 @@ class Metrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, stats: Callable[[], list[dict[str, Any]]], multiprocess: bool = False) -> None:
+        """``stats()``: the engine stats of every HTTP process (``Engine.group_stats``). ``multiprocess``: the
+        counters and histograms are prometheus_client's multiprocess files, rendered for all processes."""
+        self.multiprocess = multiprocess
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
         self.requests = Counter(
@@ -122,7 +158,8 @@ class Metrics:
             "llmemb_queue_rejected", "requests refused: queue full", ["queue"], registry=r
         )
         self.timeouts = Counter("llmemb_queue_timeouts", "requests that timed out", ["queue"], registry=r)
-        r.register(_EngineCollector(stats))
+        self.engine_collector = _EngineCollector(stats)
+        r.register(self.engine_collector)
 
     # BatchObserver
     def on_batch(self, name: str, size: int, cost: int, seconds: float) -> None:
@@ -141,4 +178,11 @@ class Metrics:
         self.latency.labels(method, route).observe(seconds)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry(auto_describe=False)
+        multiprocess.MultiProcessCollector(registry)
+        registry.register(self.engine_collector)
+        return generate_latest(registry)

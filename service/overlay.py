@@ -11,8 +11,13 @@ items.jsonl is the truth; vectors.bin is a cache keyed by ``seq``. Each append w
 first, then the lines, so a crash leaves at worst a vector record without its line (ignored). A torn last line or
 record (a crash mid-write) is cut off when the overlay is next opened. A record missing from the cache, or a
 cache written for other dimensions, is recomputed by the engine and the cache rewritten atomically.
-Appends hold an exclusive ``flock`` and refuse (``OverlayChanged``) when items.jsonl grew since this process last
-read or wrote it: one writer per overlay; a second process (another replica) must reload to see those items.
+
+Several processes (the HTTP processes of one ``llmemb serve --processes N``, or servers sharing an artifacts
+volume) share one overlay. Appends hold an exclusive ``flock`` and refuse (``OverlayChanged``) when items.jsonl
+grew since this process last read or wrote it, since the rows it would hand out could collide. A writer therefore
+takes the lock for its whole registration (``hold``), reads what the others appended (``tail``), and only then
+assigns rows and appends. Readers notice growth with one ``stat`` (``stale``) and read the new lines with
+``tail``, under a shared lock, so they never see half of an append.
 """
 
 from __future__ import annotations
@@ -80,6 +85,8 @@ class Overlay:
         self._width = sum(self.spaces.values())
         self._rec = _REC_HEAD.size + 4 * self._width
         self._known_size = 0  # bytes of items.jsonl this process has read or written
+        self._vectors_read = 0  # bytes of vectors.bin scanned so far (tail reads on from here)
+        self._held: Any = None  # the lock file while ``hold`` keeps the exclusive lock
 
     # --- reading --------------------------------------------------------------------------------------------
 
@@ -95,6 +102,31 @@ class Overlay:
             self._known_size = self.items_path.stat().st_size
         return records, vectors
 
+    def stale(self) -> bool:
+        """True when items.jsonl has lines this process has not read (another process appended them)."""
+        try:
+            return os.stat(self.items_path).st_size != self._known_size
+        except FileNotFoundError:
+            return self._known_size != 0
+
+    def tail(self) -> tuple[list[OverlayRecord], dict[int, dict[str, np.ndarray]]]:
+        """The lines appended since this process last read or wrote items.jsonl (whole lines only) and their
+        cached vectors ({seq: {space: vector}}; a seq missing there must be recomputed). Moves the read mark on."""
+        with self._locked(exclusive=False):
+            try:
+                with open(self.items_path, "rb") as f:
+                    f.seek(self._known_size)
+                    data = f.read()
+            except FileNotFoundError:
+                return [], {}
+            data = data[: data.rfind(b"\n") + 1]  # a torn line (a writer that crashed) is not a record yet
+            records = self._parse_lines(data, first=0)
+            vectors = self._scan_vectors(since=self._vectors_read)
+            if any(r.seq not in vectors for r in records):  # the cache was rewritten meanwhile: read it all
+                vectors = self._scan_vectors(since=0)
+            self._known_size += len(data)
+        return records, vectors
+
     def _read_lines(self) -> list[OverlayRecord]:
         data = self.items_path.read_bytes()
         if data and not data.endswith(b"\n"):  # torn last line from a crash mid-append: cut it off
@@ -105,8 +137,11 @@ class Overlay:
                 f.flush()
                 os.fsync(f.fileno())
             data = data[:keep]
+        return self._parse_lines(data, first=0)
+
+    def _parse_lines(self, data: bytes, first: int) -> list[OverlayRecord]:
         out = []
-        for n, raw in enumerate(data.decode("utf-8").splitlines(), start=1):
+        for n, raw in enumerate(data.decode("utf-8").splitlines(), start=first + 1):
             if not raw.strip():
                 continue
             try:
@@ -135,29 +170,43 @@ class Overlay:
         return _MAGIC + struct.pack("<I", len(blob)) + blob
 
     def _read_vectors(self) -> dict[int, dict[str, np.ndarray]]:
+        """Every cached vector; a torn last record (a crash mid-append) is cut off (exclusive lock held)."""
         if not self.vectors_path.is_file() or self._width == 0:
             return {}
-        data = self.vectors_path.read_bytes()
-        header = self._header()
-        if not data.startswith(header):
-            log.warning(
-                "%s: written for other dimensions or another format; vectors will be recomputed",
-                self.vectors_path,
-            )
-            return {}
-        body = memoryview(data)[len(header) :]
-        whole = len(body) // self._rec * self._rec
-        if whole != len(body):
+        size = self.vectors_path.stat().st_size
+        head = len(self._header())
+        whole = head + max(0, size - head) // self._rec * self._rec
+        if size > head and whole != size:
             log.warning("%s: dropping a torn last record", self.vectors_path)
             with open(self.vectors_path, "r+b") as f:
-                f.truncate(len(header) + whole)
+                f.truncate(whole)
                 f.flush()
                 os.fsync(f.fileno())
+        return self._scan_vectors(since=0)
+
+    def _scan_vectors(self, since: int) -> dict[int, dict[str, np.ndarray]]:
+        """{seq: vectors} of the whole records from byte ``since`` on (0: the whole file, header checked)."""
+        self._vectors_read = since
+        if not self.vectors_path.is_file() or self._width == 0:
+            return {}
+        header = self._header()
+        with open(self.vectors_path, "rb") as f:
+            if f.read(len(header)) != header:
+                log.warning(
+                    "%s: written for other dimensions or another format; vectors will be recomputed",
+                    self.vectors_path,
+                )
+                return {}
+            start = len(header) + max(0, since - len(header)) // self._rec * self._rec
+            f.seek(start)
+            body = f.read()
+        whole = len(body) // self._rec * self._rec
         out: dict[int, dict[str, np.ndarray]] = {}
         for off in range(0, whole, self._rec):
             seq, _row = _REC_HEAD.unpack_from(body, off)
             flat = np.frombuffer(body, dtype="<f4", count=self._width, offset=off + _REC_HEAD.size)
             out[seq] = self._split(flat.astype(np.float32))
+        self._vectors_read = start + whole
         return out
 
     def _split(self, flat: np.ndarray) -> dict[str, np.ndarray]:
@@ -191,6 +240,8 @@ class Overlay:
                 self._append_bytes(self.vectors_path, blob, header=self._header())
             self._append_bytes(self.items_path, "".join(r.line() for r in records).encode("utf-8"))
             self._known_size = self.items_path.stat().st_size
+            if self._width:
+                self._vectors_read = self.vectors_path.stat().st_size
 
     def rewrite_vectors(
         self, records: list[OverlayRecord], vectors: Mapping[int, Mapping[str, np.ndarray]]
@@ -203,6 +254,7 @@ class Overlay:
             f.write(self._header())
             for r in records:
                 f.write(self._record_bytes(r, vectors[r.seq]))
+        self._vectors_read = self.vectors_path.stat().st_size
 
     def _record_bytes(self, rec: OverlayRecord, vecs: Mapping[str, np.ndarray]) -> bytes:
         parts = [_REC_HEAD.pack(rec.seq, rec.row)]
@@ -233,8 +285,32 @@ class Overlay:
         if created:
             fsync_dir(path.parent)
 
+    def hold(self) -> None:
+        """Take the exclusive lock until ``release`` (blocks while another process holds it): a registration
+        holds it from reading the others' lines to appending its own. ``append``, ``tail`` and ``rewrite_vectors``
+        called meanwhile in this process run under it."""
+        if self._held is not None:
+            raise RuntimeError(f"{self.dir}: the overlay lock is already held")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        lock = open(self.dir / ".lock", "a+b")
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        except BaseException:
+            lock.close()
+            raise
+        self._held = lock
+
+    def release(self) -> None:
+        lock, self._held = self._held, None
+        if lock is not None:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+            lock.close()
+
     @contextlib.contextmanager
     def _locked(self, exclusive: bool) -> Iterator[None]:
+        if self._held is not None:  # hold() has it
+            yield
+            return
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.dir / ".lock", "a+b") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)

@@ -42,7 +42,7 @@ def usable_cores() -> int:
 CUDA_SERVE_THREADS = 4
 
 
-def serve_threads(device: str = "auto") -> int:
+def serve_threads(device: str = "auto", processes: int = 1) -> int:
     """Intra-op threads for ``llmemb serve`` when LLMEMB_TORCH_THREADS is unset: the usable cores less one, and at
     most CUDA_SERVE_THREADS where the model runs on CUDA (``device`` "cuda", or "auto" with CUDA available).
 
@@ -52,8 +52,9 @@ def serve_threads(device: str = "auto") -> int:
     the same throughput at 64 clients, and embed at the same rate (bench/serve.py). On a 64-core H100 host, 62
     threads made the recommend worker burn ~49 cores on spin-waits: 4 threads served recommend 5.2x faster at 64
     clients (3,148 vs 611 req/s) with p99 at 1 client 4.5 instead of 20.9 ms, embed unchanged (docs/BENCHMARKS.md).
+    With ``processes`` HTTP processes (``llmemb serve --processes N``) the cores less one are shared among them.
     """
-    n = max(1, usable_cores() - 1)
+    n = max(1, (usable_cores() - 1) // max(1, processes))
     if device.startswith("cuda") or device == "auto" and _cuda_available():
         return min(n, CUDA_SERVE_THREADS)
     return n
@@ -117,6 +118,19 @@ class Settings(BaseSettings):
     # --- network and auth ----------------------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="HTTP server processes on the one port (`llmemb serve`; uvicorn's workers). Each loads the "
+        "bundle with worker processes of its own; items registered through one and reloads reach all of them "
+        "(docs/API.md, Several HTTP processes)",
+    )
+    group_dir: Path | None = Field(
+        None,
+        description="set by `llmemb serve` for its HTTP processes when processes > 1: the directory where they "
+        "share the bundle being served and their /metrics numbers (not meant to be set by hand)",
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated bearer keys"
     )

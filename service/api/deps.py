@@ -28,6 +28,7 @@ async def get_engine(request: Request) -> Engine:
         if engine.load_error:
             raise NotReady(f"no bundle loaded: {engine.load_error}", code="load_failed")
         raise NotReady("the service is still loading its bundle")
+    await engine.sync_catalog()  # items other HTTP processes registered (one stat when there are none)
     return engine
 
 

@@ -327,25 +327,61 @@ def test_corrupt_or_missing_bundle_is_refused(artifacts, tmp_path):
         run(Engine(settings_for(tmp_path / "empty")).start())
 
 
-def test_a_second_writer_must_reload_before_registering(artifacts):
+def test_processes_sharing_an_overlay_see_each_others_items(artifacts):
+    """Two engines on one artifacts dir (as the HTTP processes of `llmemb serve --processes 2` are): rows never
+    collide, and each picks up the other's registrations and upserts before it reads the catalog."""
+
     async def go():
         one, two = Engine(settings_for(artifacts)), Engine(settings_for(artifacts))
         await one.start()
         await two.start()
         try:
             await one.register([("from-one", NEW_ATTRS)])
-            with pytest.raises(Conflict, match="another process") as e:
-                await two.register([("from-two", {"title": "dark metal drum"})])
-            assert e.value.code == "overlay_changed"
-            with pytest.raises(NotFound):
-                two.get_item("from-two")  # nothing half-registered
-            await two.reload()
+            # two has not read one's line yet: its registration picks it up first and takes the next row
+            res = await two.register([("from-two", {"title": "dark metal drum"})])
+            assert [(o.row, o.status) for o in res.items] == [(N_ITEMS + 2, "created")]
+            assert res.n_items == N_ITEMS + 2
             assert two.get_item("from-one").row == N_ITEMS + 1
-            assert (await two.register([("from-two", {"title": "dark metal drum"})])).items[
-                0
-            ].row == N_ITEMS + 2
+            with pytest.raises(NotFound):
+                one.get_item("from-two")  # not read yet ...
+            rec = await one.recommend(["from-two", "t1"], k=3)  # ... but a request naming it reads it first
+            assert rec.history_length == 2
+            assert one.get_item("from-two").row == N_ITEMS + 2
+            np.testing.assert_array_equal(
+                one.item_vector("from-two", "item"), two.item_vector("from-two", "item")
+            )
+            # an id the other registered: same attributes are unchanged, others a conflict, upsert reaches both
+            res = await one.register([("from-two", {"title": "dark metal drum"})])
+            assert res.items[0].status == "unchanged"
+            with pytest.raises(Conflict):
+                await one.register([("from-one", {"title": "something else"})])
+            await two.register([("from-one", {"title": "bright brass bell"})], upsert=True)
+            await one.sync_catalog()
+            assert one.get_item("from-one").attributes == {"title": "bright brass bell"}
+            np.testing.assert_array_equal(
+                one.item_vector("from-one", "item"), two.item_vector("from-one", "item")
+            )
+            # both indexes hold the same rows: the same scores for every item, registered ones included
+            a = await one.recommend(["t1", "t2"], k=N_ITEMS + 2, exclude_seen=False)
+            b = await two.recommend(["t1", "t2"], k=N_ITEMS + 2, exclude_seen=False)
+            assert [i for i, _ in a.items] == [i for i, _ in b.items]
+            assert {"from-one", "from-two"} <= {i for i, _ in a.items}
+            np.testing.assert_allclose([s for _, s in a.items], [s for _, s in b.items], rtol=1e-5, atol=1e-6)
+            # registrations at the same time through both get distinct rows
+            r1, r2 = await asyncio.gather(
+                one.register([("both-1", {"title": "green glass bottle"})]),
+                two.register([("both-2", {"title": "blue paper lamp"})]),
+            )
+            assert {r1.items[0].row, r2.items[0].row} == {N_ITEMS + 3, N_ITEMS + 4}
+            for e in (one, two):
+                await e.sync_catalog()
+                assert e.info()["n_items"] == N_ITEMS + 4
         finally:
             await one.stop()
             await two.stop()
 
     run(go())
+    lines = [
+        json.loads(x) for x in (artifacts / "overlays" / BUNDLE_A / "items.jsonl").read_text().splitlines()
+    ]
+    assert [x["seq"] for x in lines] == list(range(1, len(lines) + 1))  # one sequence across both writers

@@ -1,0 +1,146 @@
+"""``llmemb serve --processes 2``: two HTTP processes on one port, started as a user starts them. An item
+registered through one is at once visible to, and recommendable through, the other; a reload through one
+reaches the other; /metrics counts the requests of both; Ctrl-C stops everything."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service.helpers import API_KEY, BUNDLE_A, BUNDLE_B, N_ITEMS, assert_error, process_gone
+
+ROOT = Path(__file__).resolve().parents[2]
+KITE = {"title": "bright wooden kite", "year": 1995, "genres": ["outdoor"]}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pid(c: httpx.Client) -> int:
+    r = c.get("/v1/info")
+    assert r.status_code == 200, r.text
+    return r.json()["process"]["pid"]
+
+
+def _clients_of_each_process(base: str, n: int, deadline: float) -> dict[int, httpx.Client]:
+    """One keep-alive client per HTTP process (the kernel hands each new connection to one of them)."""
+    found: dict[int, httpx.Client] = {}
+    while len(found) < n:
+        assert time.monotonic() < deadline, f"only {sorted(found)} of {n} processes answered"
+        c = httpx.Client(base_url=base, timeout=30, headers={"Authorization": f"Bearer {API_KEY}"})
+        try:
+            pid = _pid(c)
+        except (httpx.TransportError, AssertionError):
+            c.close()
+            time.sleep(0.2)
+            continue
+        if pid in found:
+            c.close()
+        else:
+            found[pid] = c
+    return found
+
+
+def test_two_http_processes_share_registrations_reloads_and_metrics(artifacts):
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMEMB_", "PROMETHEUS_"))}
+    env.update(
+        LLMEMB_API_KEYS=API_KEY,
+        LLMEMB_DEVICE="cpu",
+        LLMEMB_TORCH_THREADS="1",
+        LLMEMB_RECOMMEND_WORKER="thread",
+        LLMEMB_EMBED_MAX_WAIT_MS="2",
+        LLMEMB_LOG_LEVEL="warning",
+        PYTHONPATH=str(ROOT),
+    )
+    argv = [sys.executable, "-m", "llmemb.cli", "serve", "--artifacts", str(artifacts), "--port", str(port)]
+    server = subprocess.Popen(
+        [*argv, "--processes", "2", "--no-examples"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    clients: dict[int, httpx.Client] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stdout.read().decode(errors="replace")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "llmemb serve did not get ready"
+            time.sleep(0.2)
+        clients = _clients_of_each_process(f"http://127.0.0.1:{port}", 2, deadline)
+        (pa, a), (pb, b) = clients.items()
+        assert pa != pb and a.get("/v1/info").json()["process"]["processes"] == 2
+
+        # registered through a: b knows it, recommends after it, and ranks it like a does
+        r = a.post("/v1/items", json={"items": [{"id": "kite-1", "attributes": KITE}]})
+        assert r.status_code == 201 and r.json()["items"][0]["row"] == N_ITEMS + 1
+        item = b.get("/v1/items/kite-1", params={"space": "item"}).json()
+        assert item["row"] == N_ITEMS + 1 and item["source"] == "registered"
+        assert (
+            item["vector"]["embedding"]
+            == a.get("/v1/items/kite-1", params={"space": "item"}).json()["vector"]["embedding"]
+        )
+        body = {"history": ["t1", "kite-1"], "k": N_ITEMS + 1, "exclude_seen": False}
+        ra, rb = a.post("/v1/recommend", json=body).json(), b.post("/v1/recommend", json=body).json()
+        assert rb["history_length"] == 2 and "kite-1" in [x["id"] for x in rb["items"]]
+        assert [x["id"] for x in ra["items"]] == [x["id"] for x in rb["items"]]
+        assert [x["score"] for x in ra["items"]] == pytest.approx([x["score"] for x in rb["items"]], abs=1e-5)
+        # the other process's rows are taken: b's registration gets the next one; a conflict is a conflict
+        r = b.post(
+            "/v1/items", json={"items": [{"id": "drum-1", "attributes": {"title": "dark metal drum"}}]}
+        )
+        assert r.status_code == 201 and r.json()["items"][0]["row"] == N_ITEMS + 2
+        assert_error(
+            a.post("/v1/items", json={"items": [{"id": "drum-1", "attributes": {"title": "other"}}]}),
+            409,
+            "item_conflict",
+        )
+        ids = a.get("/v1/tables/item/ids").json()
+        assert ids["rows"] == N_ITEMS + 3 and ids["ids"][-2:] == ["kite-1", "drum-1"]
+
+        # /metrics of either process counts both processes' requests
+        for c in (a, b):
+            text = c.get("/metrics").text
+            assert "llmemb_http_processes 2.0" in text
+            assert 'llmemb_http_requests_total{method="POST",route="/v1/items",status="201"} 2.0' in text
+
+        # a reload through a reaches b
+        r = a.post("/admin/reload", json={"bundle_id": BUNDLE_B})
+        assert r.status_code == 200 and r.json()["previous"] == BUNDLE_A and r.json()["current"] == BUNDLE_B
+        wait = time.monotonic() + 60
+        while b.get("/v1/info").json()["bundle_id"] != BUNDLE_B:
+            assert time.monotonic() < wait, "the other process did not follow the reload"
+            time.sleep(0.2)
+        assert b.post("/v1/recommend", json={"history": ["t1"], "k": 3}).json()["bundle_id"] == BUNDLE_B
+    finally:
+        for c in clients.values():
+            c.close()
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGINT)
+        try:
+            out = server.communicate(timeout=60)[0].decode(errors="replace")
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            out = server.communicate()[0].decode(errors="replace")
+    assert server.returncode == 0, out
+    assert "Traceback" not in out, out
+    for pid in clients:
+        assert process_gone(pid)
