@@ -88,6 +88,7 @@ _ID_KEY = "item_encoder."
 # The error codes (503) while the recommend / embed worker process is down.
 WORKER_UNAVAILABLE = RecommendWorker.unavailable_code
 EMBED_WORKER_UNAVAILABLE = EmbedWorker.unavailable_code
+PROCESSES_NOT_READY = "processes_not_ready"  # /ready's 503 while one of several HTTP processes is not serving
 
 
 class EngineLoadError(RuntimeError):
@@ -1479,7 +1480,22 @@ class Engine:
 
     def unavailable(self) -> tuple[str, str] | None:
         """(error code, reason) why the loaded bundle cannot serve everything it offers right now (its recommend
-        or embed worker process is being restarted), else None. /ready answers 503 with it."""
+        or embed worker process is being restarted; with several HTTP processes: one of them is not serving yet,
+        since the port hands connections to all of them), else None. /ready answers 503 with it."""
+        down = self._own_unavailable()
+        if down is not None or self.settings.group_dir is None or self._state is None:
+            return down
+        group = self.group_stats()
+        ready = sum(1 for s in group if s.get("ready"))
+        if ready < self.settings.processes:
+            return (
+                PROCESSES_NOT_READY,
+                f"{ready} of {self.settings.processes} HTTP processes are serving (the others are loading or "
+                "being restarted)",
+            )
+        return None
+
+    def _own_unavailable(self) -> tuple[str, str] | None:
         st = self._state
         if st is None:
             return None
@@ -1501,7 +1517,7 @@ class Engine:
         out: dict[str, Any] = {"ready": st is not None, "queues": {}, "bundle_id": None}
         if st is None:
             return out
-        out["ready"] = self.unavailable_reason() is None
+        out["ready"] = self._own_unavailable() is None
         out.update(bundle_id=st.bundle_id, bundle_items=st.n_bundle, registered_items=st.n_registered)
         for b in (st.embed_batcher, st.rec_batcher):
             if b is not None:
