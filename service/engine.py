@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -79,7 +80,13 @@ from service.recommender import (
 )
 from service.settings import Settings
 from service.tables import FORMATS, write_table
-from service.worker import EmbedWorker, RecommendWorker, WorkerCallError, WorkerUnavailable
+from service.worker import (
+    EmbedWorker,
+    RecommendWorker,
+    SharedRecommendWorker,
+    WorkerCallError,
+    WorkerUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -619,7 +626,7 @@ class _State:
         self._apply_catalog(records, vectors)
         rows = [r.row for r in records]
         rec = self.recommender
-        if rec is not None and "item" in vectors:
+        if rec is not None and self.rec_batcher is not None and "item" in vectors:
             try:
                 await self.rec_batcher.run_exclusive(lambda: rec.apply_rows(rows, vectors["item"]))
             except WorkerUnavailable as e:
@@ -629,6 +636,22 @@ class _State:
         for r in records:  # only now can requests name the new ids
             self.id_to_row[r.id] = r.row
         self.next_seq = max(self.next_seq, max(r.seq for r in records) + 1)
+
+    @contextlib.asynccontextmanager
+    async def _overlay_guard(self):
+        """The overlay lock, with the other processes' registrations read: no registration anywhere meanwhile."""
+        await asyncio.to_thread(self.overlay.hold)
+        try:
+            await self.follow()
+            yield
+        finally:
+            self.overlay.release()
+
+    def _registered_rows(self) -> tuple[list[int], np.ndarray]:
+        """The rows of the registered items and their ``item`` vectors."""
+        first = self.n_bundle + 1
+        item = self.reg_vectors.get("item", np.zeros((0, 0), np.float32))
+        return list(range(first, first + len(item))), item.copy()
 
     async def follow(self) -> int:
         """Pick up the items other processes appended to the overlay (register lock held). Returns how many."""
@@ -708,10 +731,23 @@ class _State:
         start = time.perf_counter()
         s = self.settings
         mode = s.recommend_worker_mode(cuda=self.device.type == "cuda")
-        spec = await asyncio.to_thread(self.recommender_spec)
-        self._item_table = None  # the recommend path has its own copy from here on
         try:
-            if mode == "process":
+            if mode == "process" and s.group_dir is not None and s.recommend_worker_shared:
+                self.recommender = SharedRecommendWorker(
+                    address=s.group_dir
+                    / f"rec-{hashlib.sha1(str(self.bundle.path.resolve()).encode()).hexdigest()[:12]}",
+                    guard=self._overlay_guard,
+                    registered=self._registered_rows,
+                    spec_source=self.recommender_spec,
+                    lock=self.register_lock,
+                    batch_timeout_s=s.recommend_request_timeout_s,
+                    log_level=s.log_level,
+                )
+                await self.recommender.start()
+                self._item_table = None
+            elif mode == "process":
+                spec = await asyncio.to_thread(self.recommender_spec)
+                self._item_table = None  # the recommend path has its own copy from here on
                 self.recommender = RecommendWorker(
                     spec_source=self.recommender_spec,
                     lock=self.register_lock,
@@ -720,6 +756,8 @@ class _State:
                 )
                 await self.recommender.start(spec)
             else:
+                spec = await asyncio.to_thread(self.recommender_spec)
+                self._item_table = None
                 self.recommender = await asyncio.to_thread(Recommender, spec)
         except (RecommenderLoadError, WorkerCallError, WorkerUnavailable) as e:
             raise EngineLoadError(f"bundle {self.bundle_id}: {e}") from e

@@ -126,6 +126,11 @@ class Settings(BaseSettings):
         "bundle with worker processes of its own; items registered through one and reloads reach all of them "
         "(docs/API.md, Several HTTP processes)",
     )
+    recommend_worker_shared: bool = Field(
+        True,
+        description="with processes > 1 and the recommend path in a worker process: one worker for all HTTP "
+        "processes (one GPU context; batches from several processes run as one) instead of one each",
+    )
     group_dir: Path | None = Field(
         None,
         description="set by `llmemb serve` for its HTTP processes when processes > 1: the directory where they "

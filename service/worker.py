@@ -43,18 +43,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import gc
 import logging
 import os
 import pickle
+import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -83,9 +87,14 @@ class WorkerCallError(RuntimeError):
     """The worker ran the call and it raised; the message is the worker's ``Type: message``."""
 
 
-def _exit_text(code: int | None) -> str:
+_GONE = "gone"  # what _Remote.wait returns: the process exited, its exit code is its parent's to know
+
+
+def _exit_text(code: int | str | None) -> str:
     if code is None:
         return "stopped answering"
+    if code == _GONE:
+        return "exited"
     if code < 0:
         try:
             return f"was killed by {signal.Signals(-code).name}"
@@ -101,9 +110,27 @@ def _exit_code(proc: subprocess.Popen) -> int | None:
         return None
 
 
-def _kill(proc: subprocess.Popen) -> None:
+def _kill(proc: subprocess.Popen | _Remote) -> None:
     with contextlib.suppress(OSError):
         proc.kill()
+
+
+class _Remote:
+    """A shared worker process started by another HTTP process (not our child): what ``_Channel`` and the waiter
+    thread need of a ``Popen``, through a pidfd."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._fd = os.pidfd_open(pid)
+
+    def wait(self, timeout: float | None = None) -> str:
+        ready, _, _ = select.select([self._fd], [], [], timeout)
+        if not ready:
+            raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+        return _GONE
+
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
 
 
 class _Channel:
@@ -171,6 +198,18 @@ def pack_results(rec: Recommender, batch: Sequence[Request]) -> tuple[np.ndarray
     rows = np.concatenate([np.zeros(0, np.int64), *(r.rows for r in results)])
     scores = np.concatenate([np.zeros(0, np.float32), *(r.scores for r in results)])
     return counts, rows, scores, np.asarray(excluded, dtype=np.int32)
+
+
+def split_packed(packed: tuple[np.ndarray, ...], sizes: Sequence[int]) -> list[tuple[np.ndarray, ...]]:
+    """``pack_results`` of several batches run as one -> one packed tuple per batch (``sizes`` requests each)."""
+    counts, rows, scores, excluded = packed
+    out, req, at = [], 0, 0
+    for n in sizes:
+        c = counts[req : req + n]
+        m = int(c.sum())
+        out.append((c, rows[at : at + m], scores[at : at + m], excluded[req : req + n]))
+        req, at = req + n, at + m
+    return out
 
 
 class ProcessWorker:
@@ -242,6 +281,11 @@ class ProcessWorker:
         self._closed = asyncio.Event()
         await self._launch(spec)
 
+    async def _start_one(self) -> None:
+        """(Re)start from the catalog as it is now (``lock`` held)."""
+        spec = await asyncio.to_thread(self._spec_source)
+        await self._launch(spec)
+
     async def close(self) -> None:
         """Stop the worker (and any restart in progress); wait until the process has exited."""
         if self._closing:
@@ -260,15 +304,15 @@ class ProcessWorker:
         if current is not None:
             await asyncio.to_thread(self._shutdown, current)
 
-    def _spawn(self) -> _Channel:
+    def _spawn(self, extra: Sequence[str] = (), keep_fds: Sequence[int] = ()) -> _Channel:
         """``python -m service.worker`` with one end of a socketpair; a waiter thread reaps it when it exits."""
         parent, child = socket.socketpair()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path)}
         argv = [sys.executable, "-m", "service.worker", "--kind", self.kind, "--fd", str(child.fileno())]
         try:
             proc = subprocess.Popen(
-                [*argv, "--log-level", self._log_level],
-                pass_fds=(child.fileno(),),
+                [*argv, "--log-level", self._log_level, *extra],
+                pass_fds=(child.fileno(), *keep_fds),
                 stdin=subprocess.DEVNULL,
                 env=env,
             )
@@ -277,23 +321,33 @@ class ProcessWorker:
             raise
         finally:
             child.close()
+        self._watch(proc)
+        return _Channel(proc, Connection(parent.detach()))
+
+    def _watch(self, proc: subprocess.Popen | _Remote) -> None:
         threading.Thread(
             target=self._wait, args=(proc,), name=f"{self.kind}-worker-{proc.pid}", daemon=True
         ).start()
-        return _Channel(proc, Connection(parent.detach()))
 
     def _loaded(self, info: dict[str, Any]) -> None:
         """What the worker's ``load`` answered (its thread counts, and what a subclass reads)."""
         self._threads = {k: info[k] for k in ("torch_threads", "faiss_threads") if k in info}
 
+    def _open(self) -> _Channel:
+        return self._spawn()
+
+    def _abandon(self, channel: _Channel) -> None:
+        """A load that failed or was cancelled: the process goes (the waiter thread reaps it)."""
+        _kill(channel.proc)
+
     async def _launch(self, spec: Any) -> None:
-        channel = self._spawn()
+        channel = await asyncio.to_thread(self._open)
         proc = channel.proc
         self._launching = proc
         try:
             info = await asyncio.to_thread(self._load, channel, spec)
         except BaseException:
-            _kill(proc)  # a failed or cancelled load: the process goes (the waiter thread reaps it)
+            self._abandon(channel)
             raise
         finally:
             self._launching = None
@@ -372,8 +426,7 @@ class ProcessWorker:
                 async with self._lock:  # no registration between the catalog snapshot and the new worker
                     if self._closing:
                         return
-                    spec = await asyncio.to_thread(self._spec_source)
-                    await self._launch(spec)
+                    await self._start_one()
             except Exception as e:  # noqa: BLE001 - kept in the reason /ready shows, retried with backoff
                 if self._closing:
                     return
@@ -440,6 +493,115 @@ class RecommendWorker(ProcessWorker):
         self._index_info = self._request("apply", payload, None)
 
 
+class SharedRecommendWorker(RecommendWorker):
+    """One recommend worker process for all HTTP processes of ``llmemb serve --processes N`` (per bundle), so that
+    one GPU context runs every batch (separate workers time-slice the GPU and got slower with each one added).
+
+    ``address``: the Unix socket path without suffix (in the group's directory). The HTTP process that takes the
+    lock ``<address>.lock`` starts the worker, which inherits the lock (held until it exits) and listens on
+    ``<address>.sock``; the others connect there (``hello`` instead of ``load``). The worker answers every
+    connection and exits when the last one closes; when it dies, each HTTP process restarts its side as usual,
+    and one of them starts the new worker. ``guard()``: an async context manager held around each start: the
+    engine holds the overlay lock in it and reads the other processes' registrations first, so the worker is built
+    from (and a later client re-applies, ``registered()``: all registered rows and their ``item`` vectors) the
+    catalog as it is on disk, with no registration in between.
+    """
+
+    def __init__(
+        self,
+        *,
+        address: Path,
+        guard: Callable[[], contextlib.AbstractAsyncContextManager],
+        registered: Callable[[], tuple[list[int], np.ndarray]],
+        connect_timeout_s: float = 120.0,
+        **kw: Any,
+    ) -> None:
+        super().__init__(**kw)
+        self._address = address
+        self._guard = guard
+        self._registered = registered
+        self._connect_timeout_s = connect_timeout_s
+        self._owner = False
+
+    async def start(self, spec: Any = None) -> None:
+        """Start or join the group's worker; ``spec`` is ignored (built inside the guard)."""
+        self._loop = asyncio.get_running_loop()
+        self._closed = asyncio.Event()
+        await self._start_one()
+
+    async def _start_one(self) -> None:
+        async with self._guard():
+            spec = await asyncio.to_thread(self._spec_source)
+            await self._launch(spec)
+
+    def status(self) -> dict[str, Any]:
+        return {**super().status(), "shared": True, "started_here": self._owner}
+
+    def _open(self) -> _Channel:
+        sock_path = f"{self._address}.sock"
+        deadline = time.monotonic() + self._connect_timeout_s
+        while True:
+            lock = open(f"{self._address}.lock", "a+b")  # noqa: SIM115 - handed to the worker or closed
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.close()  # a worker runs (or is starting): join it
+            else:
+                try:
+                    self._owner = True
+                    extra = ["--listen", sock_path, "--lock-fd", str(lock.fileno())]
+                    return self._spawn(extra, keep_fds=(lock.fileno(),))
+                finally:
+                    lock.close()  # the worker's copy keeps the lock
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                conn.connect(sock_path)
+            except OSError:
+                conn.close()
+                if time.monotonic() > deadline:
+                    raise WorkerUnavailable(
+                        f"no shared {self.kind} worker answered at {sock_path}", self.unavailable_code
+                    ) from None
+                time.sleep(0.05)
+                continue
+            pid, _, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            proc = _Remote(pid)
+            self._owner = False
+            self._watch(proc)
+            return _Channel(proc, Connection(conn.detach()))
+
+    def _load(self, channel: _Channel, spec: Any) -> dict[str, Any]:
+        if self._owner:
+            return super()._load(channel, spec)
+        try:
+            info = channel.call("hello", None, None)
+            rows, vectors = self._registered()
+            if rows:  # what this process knows may be newer than the catalog the worker was built from
+                info["index"] = channel.call("apply", (rows, vectors), None)
+            return info
+        except (EOFError, OSError) as e:
+            channel.close()
+            raise WorkerUnavailable(
+                f"the shared {self.kind} worker process (pid {channel.proc.pid}) went away",
+                self.unavailable_code,
+            ) from e
+        except BaseException:
+            channel.close()
+            raise
+
+    def _abandon(self, channel: _Channel) -> None:
+        if self._owner:
+            super()._abandon(channel)
+        else:
+            channel.close()  # other processes may be using it
+
+    def _shutdown(self, channel: _Channel) -> None:
+        """Leave the worker: it exits once every HTTP process has left (the waiter thread reaps our child)."""
+        with contextlib.suppress(TimeoutError, EOFError, OSError, WorkerCallError):
+            channel.call("stop", None, _STOP_TIMEOUT_S)
+        channel.close()
+
+
 class EmbedWorker(ProcessWorker):
     """The embed worker process (``LLMEMB_EMBED_WORKER=process``): the LLM + PCA + adapter (``EmbedModel``) built
     from an ``EmbedSpec``, so that the model's Python (kernel launches on CUDA) and the server's event loop do not
@@ -465,7 +627,7 @@ class EmbedWorker(ProcessWorker):
 
 
 def _load(kind: str, spec: Any) -> tuple[Any, dict[str, Any]]:
-    """Build a worker's model from its spec; (model, what ``load`` answers)."""
+    """Build a worker's model from its spec; (model, what ``load`` answers, with the worker's pid)."""
     start = time.perf_counter()
     if kind == "embed":
         info: dict[str, Any] = {"torch_threads": apply_threads(spec.threads)["torch_threads"]}
@@ -477,44 +639,89 @@ def _load(kind: str, spec: Any) -> tuple[Any, dict[str, Any]]:
         info["index"] = model.index_info()
     gc.collect()
     gc.freeze()  # what is loaded stays out of the cyclic GC's full passes
-    return model, {**info, "load_seconds": time.perf_counter() - start}
+    return model, {**info, "load_seconds": time.perf_counter() - start, "pid": os.getpid()}
 
 
-def _serve(conn: Connection, kind: str = "recommend") -> int:
-    rec: Any = None  # a Recommender or an EmbedModel
+def _handle(kind: str, rec: Any, op: str, payload: Any) -> Any:
+    """One call's value (raises what the caller gets as ``WorkerCallError``)."""
     ops = {"recommend": ("recommend", "apply"), "embed": ("embed",)}[kind]
-    while True:
+    if op not in ops:
+        raise ValueError(f"unknown op {op!r} for a {kind} worker")
+    if rec is None:
+        raise RuntimeError(f"{op!r} before 'load'")
+    if op == "embed":
+        return rec.embed_tokens(payload)
+    if op == "recommend":
+        return pack_results(rec, payload)
+    rec.apply_rows(*payload)
+    return rec.index_info()
+
+
+def _serve(conn: Connection, kind: str = "recommend", listener: socket.socket | None = None) -> int:
+    """Answer calls until every connection is gone. One connection (the server's) unless ``listener``: a shared
+    recommend worker (several HTTP processes, ``SharedRecommendWorker``) accepts more there. Calls are answered
+    in the order each connection sent them; recommend batches that arrived together from several connections run
+    as one batch."""
+    rec: Any = None  # a Recommender or an EmbedModel
+    loaded: dict[str, Any] = {}
+    conns = [conn]
+
+    def send(c: Connection, reply: tuple) -> None:
         try:
-            op, payload = pickle.loads(conn.recv_bytes())
-        except (EOFError, OSError):
-            return 0  # the server closed its end, or is gone
-        try:
-            if op == "stop":
-                conn.send_bytes(pickle.dumps((_OK, None)))
-                return 0
-            if op == "load":
-                rec, value = _load(kind, payload)
-            elif op not in ops:
-                raise ValueError(f"unknown op {op!r} for a {kind} worker")
-            elif rec is None:
-                raise RuntimeError(f"{op!r} before 'load'")
-            elif op == "embed":
-                value = rec.embed_tokens(payload)
-            elif op == "recommend":
-                value = pack_results(rec, payload)
-            elif op == "apply":
-                rec.apply_rows(*payload)
-                value = rec.index_info()
-            else:
-                raise ValueError(f"unknown op {op!r}")
-            reply = (_OK, value)
-        except Exception as e:  # noqa: BLE001 - the server raises it as WorkerCallError
-            log.exception("%s failed", op)
-            reply = (_ERROR, f"{type(e).__name__}: {e}")
-        try:
-            conn.send_bytes(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))
+            c.send_bytes(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))
         except OSError:
-            return 0
+            drop(c)
+
+    def drop(c: Connection) -> None:
+        if c in conns:
+            conns.remove(c)
+            c.close()
+
+    while conns:
+        ready = wait([*conns, listener] if listener is not None else conns)
+        batches: list[tuple[Connection, Any]] = []
+        for c in ready:
+            if c is listener:
+                s, _ = listener.accept()
+                conns.append(Connection(s.detach()))
+                continue
+            try:
+                op, payload = pickle.loads(c.recv_bytes())
+            except (EOFError, OSError):
+                drop(c)  # that server closed its end, or is gone
+                continue
+            if op == "recommend" and rec is not None:
+                batches.append((c, payload))
+                continue
+            try:
+                if op == "stop":
+                    send(c, (_OK, None))
+                    drop(c)
+                    continue
+                if op == "load":
+                    rec, loaded = _load(kind, payload)
+                    value: Any = loaded
+                elif op == "hello":  # a shared worker's later client: what 'load' answered, as it is now
+                    if rec is None:
+                        raise RuntimeError("'hello' before 'load'")
+                    value = {**loaded, "index": rec.index_info()} if kind == "recommend" else loaded
+                else:
+                    value = _handle(kind, rec, op, payload)
+                reply = (_OK, value)
+            except Exception as e:  # noqa: BLE001 - the server raises it as WorkerCallError
+                log.exception("%s failed", op)
+                reply = (_ERROR, f"{type(e).__name__}: {e}")
+            send(c, reply)
+        if batches:
+            try:
+                packed = pack_results(rec, [r for _, b in batches for r in b])
+                replies = [(_OK, v) for v in split_packed(packed, [len(b) for _, b in batches])]
+            except Exception as e:  # noqa: BLE001
+                log.exception("recommend failed")
+                replies = [(_ERROR, f"{type(e).__name__}: {e}")] * len(batches)
+            for (c, _), reply in zip(batches, replies):
+                send(c, reply)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -526,6 +733,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kind", choices=["recommend", "embed"], default="recommend")
     p.add_argument("--fd", type=int, required=True, help="the server's socket (inherited file descriptor)")
     p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--listen",
+        default=None,
+        help="a recommend worker shared by several HTTP processes: accept their connections on this Unix socket",
+    )
+    p.add_argument(
+        "--lock-fd",
+        type=int,
+        default=None,
+        help="the shared worker's lock file (held until the worker exits)",
+    )
     args = p.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -534,7 +752,14 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if level == "TRACE" else getattr(logging, level, logging.INFO),
         format=f"%(levelname)s:     {args.kind} worker [%(process)d] %(message)s",
     )
-    return _serve(Connection(args.fd), args.kind)
+    listener = None
+    if args.listen:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(args.listen)  # a dead worker's socket (its lock, now ours, says nobody serves it)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(args.listen)
+        listener.listen(64)
+    return _serve(Connection(args.fd), args.kind, listener)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """``llmemb serve --processes 2``: two HTTP processes on one port, started as a user starts them. An item
 registered through one is at once visible to, and recommendable through, the other; a reload through one
-reaches the other; /metrics counts the requests of both; Ctrl-C stops everything."""
+reaches the other; /metrics counts the requests of both; Ctrl-C stops everything. With the recommend path in a
+worker process, the two share one worker, which is restarted with every registered item when it dies."""
 
 from __future__ import annotations
 
@@ -52,14 +53,19 @@ def _clients_of_each_process(base: str, n: int, deadline: float) -> dict[int, ht
     return found
 
 
-def test_two_http_processes_share_registrations_reloads_and_metrics(artifacts):
+def _worker(c: httpx.Client) -> dict:
+    return c.get("/v1/info").json()["recommend_worker"]
+
+
+@pytest.mark.parametrize("worker_mode", ["thread", "process"])
+def test_two_http_processes_share_registrations_reloads_and_metrics(artifacts, worker_mode):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMEMB_", "PROMETHEUS_"))}
     env.update(
         LLMEMB_API_KEYS=API_KEY,
         LLMEMB_DEVICE="cpu",
         LLMEMB_TORCH_THREADS="1",
-        LLMEMB_RECOMMEND_WORKER="thread",
+        LLMEMB_RECOMMEND_WORKER=worker_mode,
         LLMEMB_EMBED_MAX_WAIT_MS="2",
         LLMEMB_LOG_LEVEL="warning",
         PYTHONPATH=str(ROOT),
@@ -116,6 +122,24 @@ def test_two_http_processes_share_registrations_reloads_and_metrics(artifacts):
         ids = a.get("/v1/tables/item/ids").json()
         assert ids["rows"] == N_ITEMS + 3 and ids["ids"][-2:] == ["kite-1", "drum-1"]
 
+        if worker_mode == "process":  # one recommend worker for both, started by one of them
+            wa, wb = _worker(a), _worker(b)
+            assert wa["shared"] and wa["pid"] == wb["pid"] not in (pa, pb)
+            assert wa["started_here"] != wb["started_here"]
+            os.kill(wa["pid"], signal.SIGKILL)
+            assert process_gone(wa["pid"])
+            wait = time.monotonic() + 90
+            while True:  # both restart their side; one starts the new worker, the other joins it
+                ws = [_worker(c) for c in (a, b)]
+                if all(w["available"] for w in ws) and ws[0]["pid"] == ws[1]["pid"] != wa["pid"]:
+                    break
+                assert time.monotonic() < wait, f"the shared worker did not come back: {ws}"
+                time.sleep(0.2)
+            assert all(w["restarts"] == 1 for w in ws)
+            for c in (a, b):  # built from the catalog with both processes' registrations
+                got = c.post("/v1/recommend", json={**body, "history": ["kite-1", "drum-1"]}).json()
+                assert {"kite-1", "drum-1"} <= {x["id"] for x in got["items"]}
+
         # /metrics of either process counts both processes' requests
         for c in (a, b):
             text = c.get("/metrics").text
@@ -123,6 +147,7 @@ def test_two_http_processes_share_registrations_reloads_and_metrics(artifacts):
             assert 'llmemb_http_requests_total{method="POST",route="/v1/items",status="201"} 2.0' in text
 
         # a reload through a reaches b
+        old_worker = _worker(a)["pid"]
         r = a.post("/admin/reload", json={"bundle_id": BUNDLE_B})
         assert r.status_code == 200 and r.json()["previous"] == BUNDLE_A and r.json()["current"] == BUNDLE_B
         wait = time.monotonic() + 60
@@ -130,6 +155,11 @@ def test_two_http_processes_share_registrations_reloads_and_metrics(artifacts):
             assert time.monotonic() < wait, "the other process did not follow the reload"
             time.sleep(0.2)
         assert b.post("/v1/recommend", json={"history": ["t1"], "k": 3}).json()["bundle_id"] == BUNDLE_B
+        if worker_mode == "process":  # the new bundle's worker is shared too; the old one left with its bundle
+            wa, wb = _worker(a), _worker(b)
+            assert wa["pid"] == wb["pid"] != old_worker
+            assert process_gone(old_worker)
+            clients[wa["pid"]] = httpx.Client()  # checked to be gone at the end
     finally:
         for c in clients.values():
             c.close()
