@@ -155,7 +155,9 @@ def test_two_http_processes_share_registrations_reloads_and_metrics(artifacts, w
             assert time.monotonic() < wait, "the other process did not follow the reload"
             time.sleep(0.2)
         assert b.post("/v1/recommend", json={"history": ["t1"], "k": 3}).json()["bundle_id"] == BUNDLE_B
-        if worker_mode == "process":  # the new bundle's worker is shared too; the old one left with its bundle
+        if (
+            worker_mode == "process"
+        ):  # the new bundle's worker is shared too; the old one left with its bundle
             wa, wb = _worker(a), _worker(b)
             assert wa["pid"] == wb["pid"] != old_worker
             assert process_gone(old_worker)
