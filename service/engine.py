@@ -32,6 +32,12 @@ Either way the engine keeps the catalog (ids, attributes, registered vectors) an
 the recommend path one batch at a time. A worker process that dies is restarted from the catalog (recommend
 answers 503 ``recommend_worker_unavailable`` meanwhile, and so does /ready).
 
+Several HTTP processes (``llmemb serve --processes N``, ``settings.group_dir``). Each process has an Engine;
+they share the overlay (``sync_catalog`` before every catalog read picks up the others' registrations;
+a registration holds the overlay lock from reading theirs to appending its own), the bundle a reload switched to
+(``_follow_group``), their stats for /metrics and /ready (``group_stats``), and one recommend worker
+(``service.worker.SharedRecommendWorker``).
+
 Concurrency. Embedding and recommendation each have a micro-batcher with its own worker thread. Catalog updates
 (index, item table, backbone) go through the recommend micro-batcher between batches, and a registration returns
 only once they are applied, so a forward pass never sees a half-applied registration and a registered item is

@@ -4,7 +4,9 @@ LLM + PCA + adapter, ``service.embedder.EmbedModel``), each in a process of its 
 ``RecommendWorker`` and ``EmbedWorker`` as the server's side; ``python -m service.worker --kind recommend|embed``).
 What follows describes the recommend worker; the embed worker works the same way with the ops ``load`` (an
 ``EmbedSpec``), ``embed`` (token ids per prompt -> one float32 array per space) and ``stop``, and, having no state
-of its own, is restarted from the same spec.
+of its own, is restarted from the same spec. With several HTTP processes (``llmemb serve --processes N``) one
+recommend worker serves them all (``SharedRecommendWorker``: ``--listen`` a Unix socket, ``hello`` for the processes
+that join it, batches arriving together run as one).
 
 Why. In one process the server's event loop (HTTP, validation, bookkeeping) and the recommend batch function (the
 backbone's and the index's Python between GIL-free kernels) take turns on one GIL. Here the model has its own
