@@ -1077,7 +1077,8 @@ class Engine:
                 continue
             try:
                 if now - p.stat().st_mtime > 10 * self.GROUP_POLL_S:
-                    continue  # a process that died (or hangs)
+                    continue  # a process that hangs (or died and left its file)
+                os.kill(int(p.stem), 0)  # ProcessLookupError: it died (uvicorn starts another in its place)
                 out.append(json.loads(p.read_text()))
             except (OSError, ValueError):
                 continue

@@ -34,8 +34,11 @@ def _pid(c: httpx.Client) -> int:
     return r.json()["process"]["pid"]
 
 
-def _clients_of_each_process(base: str, n: int, deadline: float) -> dict[int, httpx.Client]:
-    """One keep-alive client per HTTP process (the kernel hands each new connection to one of them)."""
+def _clients_of_each_process(
+    base: str, n: int, deadline: float, skip: set[int] = frozenset()
+) -> dict[int, httpx.Client]:
+    """One keep-alive client per HTTP process but those in ``skip`` (the kernel hands each new connection to one of
+    them)."""
     found: dict[int, httpx.Client] = {}
     while len(found) < n:
         assert time.monotonic() < deadline, f"only {sorted(found)} of {n} processes answered"
@@ -46,7 +49,7 @@ def _clients_of_each_process(base: str, n: int, deadline: float) -> dict[int, ht
             c.close()
             time.sleep(0.2)
             continue
-        if pid in found:
+        if pid in found or pid in skip:
             c.close()
         else:
             found[pid] = c
@@ -145,6 +148,26 @@ def test_two_http_processes_share_registrations_reloads_and_metrics(artifacts, w
             text = c.get("/metrics").text
             assert "llmemb_http_processes 2.0" in text
             assert 'llmemb_http_requests_total{method="POST",route="/v1/items",status="201"} 2.0' in text
+
+        # an HTTP process that dies is replaced (uvicorn's supervisor); the new one serves the catalog as it is,
+        # and joins the shared worker, which outlived its starter if that was the one killed
+        shared = _worker(a)["pid"] if worker_mode == "process" else None
+        os.kill(pb, signal.SIGKILL)
+        clients.pop(pb).close()
+        assert process_gone(pb)
+        wait = time.monotonic() + 120
+        found = _clients_of_each_process(f"http://127.0.0.1:{port}", 1, wait, skip={pa})
+        ((pc, b),) = found.items()
+        clients[pc] = b
+        while (r := b.get("/ready")).status_code != 200:  # every process serving again
+            assert r.json()["error"]["code"] in ("processes_not_ready", "not_ready"), r.text
+            assert time.monotonic() < wait, r.text
+            time.sleep(0.2)
+        assert b.get("/v1/items/drum-1").json()["row"] == N_ITEMS + 2
+        got = b.post("/v1/recommend", json={**body, "history": ["kite-1", "drum-1"]}).json()
+        assert {"kite-1", "drum-1"} <= {x["id"] for x in got["items"]}
+        if shared is not None:
+            assert _worker(b)["pid"] == _worker(a)["pid"] == shared and not _worker(b)["started_here"]
 
         # a reload through a reaches b
         old_worker = _worker(a)["pid"]
