@@ -89,6 +89,7 @@ from service.tables import FORMATS, write_table
 from service.worker import (
     EmbedWorker,
     RecommendWorker,
+    SharedEmbedWorker,
     SharedRecommendWorker,
     WorkerCallError,
     WorkerUnavailable,
@@ -643,6 +644,11 @@ class _State:
             self.id_to_row[r.id] = r.row
         self.next_seq = max(self.next_seq, max(r.seq for r in records) + 1)
 
+    def _group_address(self, kind: str) -> Path:
+        """Where the HTTP processes' shared ``kind`` worker of this bundle listens (without suffix)."""
+        key = hashlib.sha1(str(self.bundle.path.resolve()).encode()).hexdigest()[:12]
+        return self.settings.group_dir / f"{kind}-{key}"
+
     @contextlib.asynccontextmanager
     async def _overlay_guard(self):
         """The overlay lock, with the other processes' registrations read: no registration anywhere meanwhile."""
@@ -718,14 +724,20 @@ class _State:
         """The LLM + heads in a worker process of their own (service.worker, kind "embed")."""
         s = self.settings
         self.embed_model = None  # drop a copy loaded here at load time (to recompute registered vectors)
-        worker = EmbedWorker(
+        common = dict(
             spec_source=self.embed_spec,
             lock=asyncio.Lock(),
             batch_timeout_s=s.embed_request_timeout_s,
             log_level=s.log_level,
         )
+        shared = s.group_dir is not None and s.embed_worker_shared
+        worker = (
+            SharedEmbedWorker(address=self._group_address("emb"), **common)
+            if shared
+            else EmbedWorker(**common)
+        )
         try:
-            await worker.start(await asyncio.to_thread(self.embed_spec))
+            await worker.start(None if shared else await asyncio.to_thread(self.embed_spec))
         except (WorkerCallError, WorkerUnavailable) as e:
             raise EngineLoadError(f"bundle {self.bundle_id}: {e}") from e
         self.embed_worker = worker
@@ -740,8 +752,7 @@ class _State:
         try:
             if mode == "process" and s.group_dir is not None and s.recommend_worker_shared:
                 self.recommender = SharedRecommendWorker(
-                    address=s.group_dir
-                    / f"rec-{hashlib.sha1(str(self.bundle.path.resolve()).encode()).hexdigest()[:12]}",
+                    address=self._group_address("rec"),
                     guard=self._overlay_guard,
                     registered=self._registered_rows,
                     spec_source=self.recommender_spec,

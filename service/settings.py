@@ -131,6 +131,11 @@ class Settings(BaseSettings):
         description="with processes > 1 and the recommend path in a worker process: one worker for all HTTP "
         "processes (one GPU context; batches from several processes run as one) instead of one each",
     )
+    embed_worker_shared: bool = Field(
+        False,
+        description="with processes > 1 and the LLM in a worker process: one embed worker (one copy of the LLM) "
+        "for all HTTP processes instead of one each; saves the memory of N-1 copies (a 7B LLM: ~14 GB each)",
+    )
     group_dir: Path | None = Field(
         None,
         description="set by `llmemb serve` for its HTTP processes when processes > 1: the directory where they "

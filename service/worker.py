@@ -495,44 +495,40 @@ class RecommendWorker(ProcessWorker):
         self._index_info = self._request("apply", payload, None)
 
 
-class SharedRecommendWorker(RecommendWorker):
-    """One recommend worker process for all HTTP processes of ``llmemb serve --processes N`` (per bundle), so that
-    one GPU context runs every batch (separate workers time-slice the GPU and got slower with each one added).
+class _Shared:
+    """What makes a ``ProcessWorker`` one worker process for all HTTP processes of ``llmemb serve --processes N``
+    (per bundle and kind): ``SharedRecommendWorker``, ``SharedEmbedWorker``.
 
     ``address``: the Unix socket path without suffix (in the group's directory). The HTTP process that takes the
     lock ``<address>.lock`` starts the worker, which inherits the lock (held until it exits) and listens on
-    ``<address>.sock``; the others connect there (``hello`` instead of ``load``). The worker answers every
-    connection and exits when the last one closes; when it dies, each HTTP process restarts its side as usual,
-    and one of them starts the new worker. ``guard()``: an async context manager held around each start: the
-    engine holds the overlay lock in it and reads the other processes' registrations first, so the worker is built
-    from (and a later client re-applies, ``registered()``: all registered rows and their ``item`` vectors) the
-    catalog as it is on disk, with no registration in between.
+    ``<address>.sock``; the others connect there (``hello`` instead of ``load``, then ``_joined``). The worker
+    answers every connection and exits when the last one closes; when it dies, each HTTP process restarts its side
+    as usual, and one of them starts the new worker. ``guard()`` (optional): an async context manager held around
+    each start.
     """
 
-    def __init__(
+    kind: str
+    unavailable_code: str
+
+    def _share(
         self,
-        *,
         address: Path,
-        guard: Callable[[], contextlib.AbstractAsyncContextManager],
-        registered: Callable[[], tuple[list[int], np.ndarray]],
+        guard: Callable[[], contextlib.AbstractAsyncContextManager] | None = None,
         connect_timeout_s: float = 120.0,
-        **kw: Any,
     ) -> None:
-        super().__init__(**kw)
         self._address = address
         self._guard = guard
-        self._registered = registered
         self._connect_timeout_s = connect_timeout_s
         self._owner = False
 
     async def start(self, spec: Any = None) -> None:
-        """Start or join the group's worker; ``spec`` is ignored (built inside the guard)."""
+        """Start or join the group's worker; ``spec`` is ignored (built by ``spec_source`` inside the guard)."""
         self._loop = asyncio.get_running_loop()
         self._closed = asyncio.Event()
         await self._start_one()
 
     async def _start_one(self) -> None:
-        async with self._guard():
+        async with self._guard() if self._guard is not None else contextlib.nullcontext():
             spec = await asyncio.to_thread(self._spec_source)
             await self._launch(spec)
 
@@ -576,11 +572,7 @@ class SharedRecommendWorker(RecommendWorker):
         if self._owner:
             return super()._load(channel, spec)
         try:
-            info = channel.call("hello", None, None)
-            rows, vectors = self._registered()
-            if rows:  # what this process knows may be newer than the catalog the worker was built from
-                info["index"] = channel.call("apply", (rows, vectors), None)
-            return info
+            return self._joined(channel, channel.call("hello", None, None))
         except (EOFError, OSError) as e:
             channel.close()
             raise WorkerUnavailable(
@@ -590,6 +582,10 @@ class SharedRecommendWorker(RecommendWorker):
         except BaseException:
             channel.close()
             raise
+
+    def _joined(self, channel: _Channel, info: dict[str, Any]) -> dict[str, Any]:
+        """After ``hello`` from a process that joined the worker (a thread); returns what ``_loaded`` reads."""
+        return info
 
     def _abandon(self, channel: _Channel) -> None:
         if self._owner:
@@ -602,6 +598,33 @@ class SharedRecommendWorker(RecommendWorker):
         with contextlib.suppress(TimeoutError, EOFError, OSError, WorkerCallError):
             channel.call("stop", None, _STOP_TIMEOUT_S)
         channel.close()
+
+
+class SharedRecommendWorker(_Shared, RecommendWorker):
+    """One recommend worker for all HTTP processes (``LLMEMB_RECOMMEND_WORKER_SHARED``), so that one GPU context
+    runs every batch (workers of their own time-slice the GPU and got slower with each one added); the batches
+    that reach it together run as one. ``guard``: the engine holds the overlay lock in it and reads the other
+    processes' registrations first, so the worker is built from, and a joining process re-applies
+    (``registered()``: all registered rows and their ``item`` vectors), the catalog as it is on disk, with no
+    registration in between."""
+
+    def __init__(
+        self,
+        *,
+        address: Path,
+        guard: Callable[[], contextlib.AbstractAsyncContextManager],
+        registered: Callable[[], tuple[list[int], np.ndarray]],
+        **kw: Any,
+    ) -> None:
+        super().__init__(**kw)
+        self._share(address, guard)
+        self._registered = registered
+
+    def _joined(self, channel: _Channel, info: dict[str, Any]) -> dict[str, Any]:
+        rows, vectors = self._registered()
+        if rows:  # what this process knows may be newer than the catalog the worker was built from
+            info["index"] = channel.call("apply", (rows, vectors), None)
+        return info
 
 
 class EmbedWorker(ProcessWorker):
@@ -623,6 +646,15 @@ class EmbedWorker(ProcessWorker):
     def embed_tokens(self, batch: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
         """``EmbedModel.embed_tokens`` in the worker."""
         return self._request("embed", [list(t) for t in batch], self._batch_timeout_s)
+
+
+class SharedEmbedWorker(_Shared, EmbedWorker):
+    """One embed worker (one copy of the LLM) for all HTTP processes (``LLMEMB_EMBED_WORKER_SHARED``); it has no
+    state beyond its spec, so a joining process only says ``hello``."""
+
+    def __init__(self, *, address: Path, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._share(address)
 
 
 # --- the worker process ---------------------------------------------------------------------------------------

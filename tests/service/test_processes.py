@@ -69,6 +69,8 @@ def test_two_http_processes_share_registrations_reloads_and_metrics(artifacts, w
         LLMEMB_DEVICE="cpu",
         LLMEMB_TORCH_THREADS="1",
         LLMEMB_RECOMMEND_WORKER=worker_mode,
+        LLMEMB_EMBED_WORKER=worker_mode,
+        LLMEMB_EMBED_WORKER_SHARED="true",  # in process mode: one LLM copy for both
         LLMEMB_EMBED_MAX_WAIT_MS="2",
         LLMEMB_LOG_LEVEL="warning",
         PYTHONPATH=str(ROOT),
@@ -125,10 +127,18 @@ def test_two_http_processes_share_registrations_reloads_and_metrics(artifacts, w
         ids = a.get("/v1/tables/item/ids").json()
         assert ids["rows"] == N_ITEMS + 3 and ids["ids"][-2:] == ["kite-1", "drum-1"]
 
-        if worker_mode == "process":  # one recommend worker for both, started by one of them
+        if (
+            worker_mode == "process"
+        ):  # one recommend worker and one embed worker for both, each started by one
             wa, wb = _worker(a), _worker(b)
             assert wa["shared"] and wa["pid"] == wb["pid"] not in (pa, pb)
             assert wa["started_here"] != wb["started_here"]
+            ea, eb = (c.get("/v1/info").json()["embed_worker"] for c in (a, b))
+            assert ea["shared"] and ea["pid"] == eb["pid"] not in (pa, pb, wa["pid"])
+            assert ea["started_here"] != eb["started_here"]
+            emb = {"items": [KITE], "space": "item"}
+            va, vb = (c.post("/v1/items/embed", json=emb).json()["data"][0]["embedding"] for c in (a, b))
+            assert va == vb and va == pytest.approx(item["vector"]["embedding"], abs=1e-6)
             os.kill(wa["pid"], signal.SIGKILL)
             assert process_gone(wa["pid"])
             wait = time.monotonic() + 90
@@ -168,6 +178,8 @@ def test_two_http_processes_share_registrations_reloads_and_metrics(artifacts, w
         assert {"kite-1", "drum-1"} <= {x["id"] for x in got["items"]}
         if shared is not None:
             assert _worker(b)["pid"] == _worker(a)["pid"] == shared and not _worker(b)["started_here"]
+            assert b.get("/v1/info").json()["embed_worker"]["pid"] == ea["pid"]  # the embed worker too
+            assert b.post("/v1/items/embed", json=emb).json()["data"][0]["embedding"] == va
 
         # a reload through a reaches b
         old_worker = _worker(a)["pid"]
