@@ -673,7 +673,14 @@ class _State:
         missing = [r for r in records if r.seq not in cached]
         if missing:  # their writer's vector cache was lost: recompute them as a restart would
             tokens = self.embedder.tokenize([build_prompt(r.attributes, self.prompt_cfg) for r in missing])
-            vecs = await asyncio.gather(*(self.embed_batcher.submit(t) for t in tokens))
+            try:
+                vecs = await asyncio.gather(*(self.embed_batcher.submit(t) for t in tokens))
+            except (WorkerUnavailable, batching.BatchError) as e:
+                self.overlay.rewind()  # read them again next time
+                raise NotReady(
+                    f"cannot embed {len(missing)} item(s) another process registered: {e}",
+                    code=getattr(e, "code", "not_ready"),
+                ) from e
             for r, v in zip(missing, vecs):
                 cached[r.seq] = {s: v[s] for s in self.live_tables}
         for r in records:  # one at a time: a later line may upsert an earlier one's row

@@ -86,6 +86,7 @@ class Overlay:
         self._rec = _REC_HEAD.size + 4 * self._width
         self._known_size = 0  # bytes of items.jsonl this process has read or written
         self._vectors_read = 0  # bytes of vectors.bin scanned so far (tail reads on from here)
+        self._tail_from = (0, 0)  # the read marks before the last tail (rewind)
         self._held: Any = None  # the lock file while ``hold`` keeps the exclusive lock
 
     # --- reading --------------------------------------------------------------------------------------------
@@ -121,11 +122,16 @@ class Overlay:
                 return [], {}
             data = data[: data.rfind(b"\n") + 1]  # a torn line (a writer that crashed) is not a record yet
             records = self._parse_lines(data, first=0)
+            self._tail_from = (self._known_size, self._vectors_read)
             vectors = self._scan_vectors(since=self._vectors_read)
             if any(r.seq not in vectors for r in records):  # the cache was rewritten meanwhile: read it all
                 vectors = self._scan_vectors(since=0)
             self._known_size += len(data)
         return records, vectors
+
+    def rewind(self) -> None:
+        """Undo the last ``tail``'s move of the read mark: its lines could not be applied and are read again."""
+        self._known_size, self._vectors_read = self._tail_from
 
     def _read_lines(self) -> list[OverlayRecord]:
         data = self.items_path.read_bytes()

@@ -385,3 +385,23 @@ def test_processes_sharing_an_overlay_see_each_others_items(artifacts):
         json.loads(x) for x in (artifacts / "overlays" / BUNDLE_A / "items.jsonl").read_text().splitlines()
     ]
     assert [x["seq"] for x in lines] == list(range(1, len(lines) + 1))  # one sequence across both writers
+
+
+def test_items_another_process_registered_without_cached_vectors_are_embedded_again(artifacts):
+    async def go():
+        one, two = Engine(settings_for(artifacts)), Engine(settings_for(artifacts))
+        await one.start()
+        await two.start()
+        try:
+            await one.register([("from-one", NEW_ATTRS)])
+            (artifacts / "overlays" / BUNDLE_A / "vectors.bin").unlink()  # the cache is lost, the line is not
+            rec = await two.recommend(["from-one"], k=3)
+            assert rec.history_length == 1
+            np.testing.assert_allclose(
+                two.item_vector("from-one", "item"), one.item_vector("from-one", "item"), atol=1e-5
+            )
+        finally:
+            await one.stop()
+            await two.stop()
+
+    run(go())

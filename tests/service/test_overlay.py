@@ -38,15 +38,21 @@ def test_a_readers_tail_gets_the_other_writers_lines_and_vectors(tmp_path):
         for s in SPACES:
             np.testing.assert_array_equal(cached[r.seq][s], vecs[s][i])
     assert b.tail() == ([], {})
+    a.append(*_records(13, 3, 1))
+    first = b.tail()
+    b.rewind()  # b could not apply them (e.g. their vectors had to be recomputed and could not be): read again
+    assert b.stale()
+    again = b.tail()
+    assert again[0] == first[0] and set(again[1]) == set(first[1]) == {3} and not b.stale()
     # b has not read a's next line: its append would hand out a taken row
-    more, more_vecs = _records(13, 3, 1)
+    more, more_vecs = _records(14, 4, 1)
     a.append(more, more_vecs)
     with pytest.raises(OverlayChanged):
-        b.append(*_records(13, 3, 1))
+        b.append(*_records(14, 4, 1))
     got, cached = b.tail()
-    assert got == more and set(cached) == {3}
-    b.append(*_records(14, 4, 1))  # caught up: accepted
-    assert [r.row for r in a.tail()[0]] == [14]
+    assert got == more and set(cached) == {4}
+    b.append(*_records(15, 5, 1))  # caught up: accepted
+    assert [r.row for r in a.tail()[0]] == [15]
 
 
 def test_a_torn_line_is_not_read_until_it_is_whole(tmp_path):
