@@ -684,7 +684,16 @@ class _State:
             for r, v in zip(missing, vecs):
                 cached[r.seq] = {s: v[s] for s in self.live_tables}
         for r in records:  # one at a time: a later line may upsert an earlier one's row
-            self._check_replay(r)
+            try:
+                self._check_replay(r)
+            except (
+                EngineLoadError
+            ) as e:  # only a damaged overlay gets here; a restart refuses it the same way
+                raise NotReady(
+                    f"{e}: the overlay on disk does not continue this process's catalog (damaged?); a reload "
+                    "or restart checks it again",
+                    code="overlay_inconsistent",
+                ) from e
             await self._publish([r], {s: cached[r.seq][s][None, :] for s in self.live_tables})
         log.info("picked up %d item(s) registered by another process", len(records))
         return len(records)

@@ -20,7 +20,7 @@ from models.prompts import PromptConfig, build_prompt
 from models.srs import SRSConfig, build_backbone, pad_left
 from models.srs.base import FrozenTableEncoder
 from service.engine import Engine, EngineLoadError
-from service.errors import Conflict, InvalidInput, NotFound
+from service.errors import Conflict, InvalidInput, NotFound, NotReady
 from tests.service.helpers import (
     BUNDLE_A,
     BUNDLE_B,
@@ -403,5 +403,29 @@ def test_items_another_process_registered_without_cached_vectors_are_embedded_ag
         finally:
             await one.stop()
             await two.stop()
+
+    run(go())
+
+
+def test_a_damaged_overlay_line_from_outside_is_a_503_not_a_500(artifacts):
+    async def go():
+        engine = Engine(settings_for(artifacts))
+        await engine.start()
+        try:
+            await engine.register([("kite", NEW_ATTRS)])
+            line = {
+                "row": N_ITEMS + 7,
+                "id": "bad",
+                "attributes": {"title": "x"},
+                "seq": 2,
+                "registered": "now",
+            }
+            with open(artifacts / "overlays" / BUNDLE_A / "items.jsonl", "a") as f:  # a row that skips six
+                f.write(json.dumps(line) + "\n")
+            with pytest.raises(NotReady) as e:
+                await engine.recommend(["kite"], k=3)
+            assert e.value.code == "overlay_inconsistent" and "expected" in e.value.message
+        finally:
+            await engine.stop()
 
     run(go())
