@@ -719,6 +719,34 @@ class CellResult:
         }
 
 
+async def _client(
+    conn: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    reqs: list[bytes],
+    i: int,
+    clock,
+    t_meas: float,
+    window: dict[str, float],
+    records: list[tuple[float, float, int]],
+) -> None:
+    """One client: the next request as soon as the last answer arrived, until ``window["end"]`` (which may move);
+    answers that arrive inside the window are recorded and counted in ``window["done"]``."""
+    reader, writer = conn
+    j = (i * 7919) % len(reqs)
+    append = records.append
+    while True:
+        t0 = clock()
+        if t0 >= window["end"]:
+            return
+        writer.write(reqs[j])
+        j = (j + 1) % len(reqs)
+        status, length, chunked = _parse_head(await reader.readuntil(b"\r\n\r\n"))
+        await _read_body(reader, length, chunked)
+        t1 = clock()
+        if t_meas <= t1 <= window["end"]:
+            append((t0, t1, status))
+            window["done"] += 1
+
+
 def _client_shard(port: int, reqs: list[bytes], first: int, conc: int, t_go: float, t_meas: float,
                   t_end: float, out) -> None:  # fmt: skip
     """One load-generator process of ``--client-procs``: ``conc`` clients (request offsets from ``first``) from
@@ -728,23 +756,8 @@ def _client_shard(port: int, reqs: list[bytes], first: int, conc: int, t_go: flo
     async def main() -> tuple[list, float]:
         conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(conc)]
         records: list[tuple[float, float, int]] = []
+        window = {"end": t_end, "done": 0}
         cpu = {}
-
-        async def client(i: int) -> None:
-            reader, writer = conns[i]
-            j = ((first + i) * 7919) % len(reqs)
-            append, clock = records.append, time.monotonic
-            while True:
-                t0 = clock()
-                if t0 >= t_end:
-                    return
-                writer.write(reqs[j])
-                j = (j + 1) % len(reqs)
-                status, length, chunked = _parse_head(await reader.readuntil(b"\r\n\r\n"))
-                await _read_body(reader, length, chunked)
-                t1 = clock()
-                if t_meas <= t1 <= t_end:
-                    append((t0, t1, status))
 
         async def sampler() -> None:
             await asyncio.sleep(max(0.0, t_meas - time.monotonic()))
@@ -753,7 +766,10 @@ def _client_shard(port: int, reqs: list[bytes], first: int, conc: int, t_go: flo
             cpu["1"] = time.process_time()
 
         await asyncio.sleep(max(0.0, t_go - time.monotonic()))
-        await asyncio.gather(sampler(), *(client(i) for i in range(conc)))
+        clients = (
+            _client(conns[i], reqs, first + i, time.monotonic, t_meas, window, records) for i in range(conc)
+        )
+        await asyncio.gather(sampler(), *clients)
         for _, w in conns:
             w.close()
         return records, cpu["1"] - cpu["0"]
@@ -761,7 +777,118 @@ def _client_shard(port: int, reqs: list[bytes], first: int, conc: int, t_go: flo
     out.put(asyncio.run(main()))
 
 
-async def run_cell_procs(
+def _cell_result(
+    endpoint: str,
+    conc: int,
+    items_per_request: int,
+    window_s: float,
+    records: list[tuple[float, float, int]],
+    errors: dict[str, int],
+    cpu: tuple[tuple[float, float, float], tuple[float, float, float]],
+    client_cpu_s: float,
+    metrics: tuple[bytes, bytes],
+    queue: str,
+    drain_s: float,
+) -> CellResult:
+    """A cell's numbers from its window's records (already cut to the window), the server's CPU seconds at its
+    start and end, and /metrics before and after."""
+    lat = []
+    for t0, t1, status in records:
+        if status != 200:
+            errors[str(status)] = errors.get(str(status), 0) + 1
+        else:
+            lat.append(1000 * (t1 - t0))
+    bs0, bc0 = metric_sums(metrics[0].decode(), "llmemb_batch_size", queue)
+    bs1, bc1 = metric_sums(metrics[1].decode(), "llmemb_batch_size", queue)
+    (srv0, loop0, wrk0), (srv1, loop1, wrk1) = cpu
+    return CellResult(
+        endpoint,
+        conc,
+        items_per_request,
+        window_s,
+        len(lat),
+        errors,
+        lat,
+        srv1 - srv0,
+        loop1 - loop0,
+        wrk1 - wrk0,
+        client_cpu_s,
+        bc1 - bc0,
+        bs1 - bs0,
+        drain_s,
+    )
+
+
+async def run_cell(
+    server: Server,
+    key: str,
+    endpoint: str,
+    reqs: list[bytes],
+    conc: int,
+    items_per_request: int,
+    warmup_s: float,
+    duration_s: float,
+    queue: str,
+    drain_limit_s: float,
+    max_window_s: float,
+    client_procs: int = 1,
+) -> CellResult:
+    """``conc`` clients, each on its own keep-alive connection, send the next request as soon as the last answer
+    arrived. After ``warmup_s`` the window opens; it closes once ``duration_s`` has passed AND ``conc``
+    responses have arrived in it (one full round, for slow cells such as LLM embedding on a CPU), or after
+    ``max_window_s``. Throughput = responses in the window / its length; latency = of those responses. Then the
+    clients stop and what is in flight drains (not counted). ``client_procs`` > 1: ``_run_cell_procs``."""
+    if client_procs > 1:
+        return await _run_cell_procs(
+            server, key, endpoint, reqs, conc, items_per_request, warmup_s, duration_s, queue, client_procs
+        )
+    port = server.port
+    _, before = await http_get(port, "/metrics", key)
+    conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(conc)]
+    records: list[tuple[float, float, int]] = []
+    errors: dict[str, int] = {}
+    t_meas = time.perf_counter() + warmup_s
+    window = {"end": float("inf"), "done": 0}
+    marks: dict[str, Any] = {}
+
+    async def sampler() -> None:
+        await asyncio.sleep(max(0.0, t_meas - time.perf_counter()))
+        marks["srv0"], marks["cli0"] = server.cpu_seconds(), time.process_time()
+        await asyncio.sleep(duration_s)
+        while window["done"] < conc and time.perf_counter() < t_meas + max_window_s:
+            await asyncio.sleep(0.02)
+        window["end"] = time.perf_counter()
+        marks["srv1"], marks["cli1"] = server.cpu_seconds(), time.process_time()
+
+    clock = time.perf_counter
+    tasks = [
+        asyncio.ensure_future(_client(conns[i], reqs, i, clock, t_meas, window, records)) for i in range(conc)
+    ]
+    await asyncio.ensure_future(sampler())
+    try:
+        await asyncio.wait_for(asyncio.gather(*tasks), drain_limit_s)
+    except asyncio.TimeoutError:
+        errors["client_timeout"] = sum(not t.done() for t in tasks)
+    drain = max(0.0, time.perf_counter() - window["end"])
+    for _, w in conns:
+        w.close()
+    _, after = await http_get(port, "/metrics", key)
+    return _cell_result(
+        endpoint,
+        conc,
+        items_per_request,
+        window["end"] - t_meas,
+        [r for r in records if r[1] <= window["end"]],
+        errors,
+        (marks["srv0"], marks["srv1"]),
+        marks["cli1"] - marks["cli0"],
+        (before, after),
+        queue,
+        drain,
+    )
+
+
+async def _run_cell_procs(
     server: Server,
     key: str,
     endpoint: str,
@@ -795,135 +922,26 @@ async def run_cell_procs(
             children.append(ch)
         first += n
     await asyncio.sleep(max(0.0, t_meas - time.monotonic()))
-    srv0, loop0, wrk0 = server.cpu_seconds()
+    cpu0 = server.cpu_seconds()
     await asyncio.sleep(max(0.0, t_end - time.monotonic()))
-    srv1, loop1, wrk1 = server.cpu_seconds()
+    cpu1 = server.cpu_seconds()
     parts = [await asyncio.to_thread(out.get, True, 120) for _ in children]
     drain0 = time.monotonic()
     for ch in children:
         await asyncio.to_thread(ch.join, 60)
     _, after = await http_get(port, "/metrics", key)
-    bs0, bc0 = metric_sums(before.decode(), "llmemb_batch_size", queue)
-    bs1, bc1 = metric_sums(after.decode(), "llmemb_batch_size", queue)
-    errors: dict[str, int] = {}
-    lat = []
-    for records, _ in parts:
-        for t0, t1, status in records:
-            if status != 200:
-                errors[str(status)] = errors.get(str(status), 0) + 1
-            else:
-                lat.append(1000 * (t1 - t0))
-    return CellResult(
+    return _cell_result(
         endpoint,
         conc,
         items_per_request,
         t_end - t_meas,
-        len(lat),
-        errors,
-        lat,
-        srv1 - srv0,
-        loop1 - loop0,
-        wrk1 - wrk0,
+        [r for records, _ in parts for r in records],
+        {},
+        (cpu0, cpu1),
         sum(c for _, c in parts),
-        bc1 - bc0,
-        bs1 - bs0,
+        (before, after),
+        queue,
         time.monotonic() - drain0,
-    )
-
-
-async def run_cell(
-    server: Server,
-    key: str,
-    endpoint: str,
-    reqs: list[bytes],
-    conc: int,
-    items_per_request: int,
-    warmup_s: float,
-    duration_s: float,
-    queue: str,
-    drain_limit_s: float,
-    max_window_s: float,
-) -> CellResult:
-    """``conc`` clients, each on its own keep-alive connection, send the next request as soon as the last answer
-    arrived. After ``warmup_s`` the window opens; it closes once ``duration_s`` has passed AND ``conc``
-    responses have arrived in it (one full round, for slow cells such as LLM embedding on a CPU), or after
-    ``max_window_s``. Throughput = responses in the window / its length; latency = of those responses. Then the
-    clients stop and what is in flight drains (not counted)."""
-    port = server.port
-    _, before = await http_get(port, "/metrics", key)
-    conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(conc)]
-    records: list[tuple[float, float, int]] = []
-    errors: dict[str, int] = {}
-    t_meas = time.perf_counter() + warmup_s
-    window = {"end": float("inf"), "done": 0}
-    marks: dict[str, float] = {}
-
-    async def client(i: int) -> None:
-        reader, writer = conns[i]
-        j = (i * 7919) % len(reqs)
-        append = records.append
-        perf = time.perf_counter
-        while True:
-            t0 = perf()
-            if t0 >= window["end"]:
-                return
-            writer.write(reqs[j])
-            j = (j + 1) % len(reqs)
-            head = await reader.readuntil(b"\r\n\r\n")
-            status, length, chunked = _parse_head(head)
-            await _read_body(reader, length, chunked)
-            t1 = perf()
-            if t_meas <= t1 <= window["end"]:
-                append((t0, t1, status))
-                window["done"] += 1
-
-    async def sampler() -> None:
-        await asyncio.sleep(max(0.0, t_meas - time.perf_counter()))
-        marks["srv0"], marks["loop0"], marks["wrk0"] = server.cpu_seconds()
-        marks["cli0"] = time.process_time()
-        await asyncio.sleep(duration_s)
-        while window["done"] < conc and time.perf_counter() < t_meas + max_window_s:
-            await asyncio.sleep(0.02)
-        window["end"] = time.perf_counter()
-        marks["srv1"], marks["loop1"], marks["wrk1"] = server.cpu_seconds()
-        marks["cli1"] = time.process_time()
-
-    tasks = [asyncio.ensure_future(client(i)) for i in range(conc)]
-    samp = asyncio.ensure_future(sampler())
-    await samp
-    try:
-        await asyncio.wait_for(asyncio.gather(*tasks), drain_limit_s)
-    except asyncio.TimeoutError:
-        errors["client_timeout"] = sum(not t.done() for t in tasks)
-    drain = max(0.0, time.perf_counter() - window["end"])
-    for _, w in conns:
-        w.close()
-    _, after = await http_get(port, "/metrics", key)
-    bs0, bc0 = metric_sums(before.decode(), "llmemb_batch_size", queue)
-    bs1, bc1 = metric_sums(after.decode(), "llmemb_batch_size", queue)
-    lat = []
-    for t0, t1, status in records:
-        if t1 > window["end"]:
-            continue
-        if status != 200:
-            errors[str(status)] = errors.get(str(status), 0) + 1
-        else:
-            lat.append(1000 * (t1 - t0))
-    return CellResult(
-        endpoint,
-        conc,
-        items_per_request,
-        window["end"] - t_meas,
-        len(lat),
-        errors,
-        lat,
-        marks["srv1"] - marks["srv0"],
-        marks["loop1"] - marks["loop0"],
-        marks["wrk1"] - marks["wrk0"],
-        marks["cli1"] - marks["cli0"],
-        bc1 - bc0,
-        bs1 - bs0,
-        drain,
     )
 
 
@@ -1188,14 +1206,6 @@ async def run_cells(
         if name == "embed32":
             label = f"embed{args.embed_items}"
         for conc in concs:
-            if args.client_procs > 1 and name == "recommend":
-                res = await run_cell_procs(
-                    server, key, label, reqs, conc, per, args.warmup, args.duration, queue, args.client_procs
-                )
-                cells.append(res.summary())
-                print(f"{label:<10} c={conc:<3} {res.rps:>8.1f} req/s ({args.client_procs} client processes)  "
-                      f"p50 {res.pct(50):.2f}  p99 {res.pct(99):.2f} ms  errors {res.errors or 0}", flush=True)  # fmt: skip
-                continue
             res = await run_cell(
                 server,
                 key,
@@ -1208,6 +1218,7 @@ async def run_cells(
                 queue,
                 args.drain_limit,
                 args.max_window,
+                args.client_procs if name == "recommend" else 1,
             )
             s = res.summary()
             cells.append(s)
