@@ -144,7 +144,7 @@ def group_app() -> FastAPI:
     def ready(engine: Engine) -> None:
         try:
             os.close(os.open(settings.group_dir / EXAMPLES_MARK, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except (FileExistsError, TypeError):
+        except FileExistsError:  # another process printed them
             return
         print("\n" + curl_examples(settings, engine) + "\n", flush=True)
 

@@ -753,7 +753,7 @@ class _State:
             else EmbedWorker(**common)
         )
         try:
-            await worker.start(None if shared else await asyncio.to_thread(self.embed_spec))
+            await worker.start()  # its spec from embed_spec, as a restart builds it
         except (WorkerCallError, WorkerUnavailable) as e:
             raise EngineLoadError(f"bundle {self.bundle_id}: {e}") from e
         self.embed_worker = worker
@@ -766,32 +766,27 @@ class _State:
         s = self.settings
         mode = s.recommend_worker_mode(cuda=self.device.type == "cuda")
         try:
-            if mode == "process" and s.group_dir is not None and s.recommend_worker_shared:
-                self.recommender = SharedRecommendWorker(
-                    address=self._group_address("rec"),
-                    guard=self._overlay_guard,
-                    registered=self._registered_rows,
+            if mode == "process":
+                common = dict(
                     spec_source=self.recommender_spec,
                     lock=self.register_lock,
                     batch_timeout_s=s.recommend_request_timeout_s,
                     log_level=s.log_level,
                 )
-                await self.recommender.start()
-                self._item_table = None
-            elif mode == "process":
-                spec = await asyncio.to_thread(self.recommender_spec)
-                self._item_table = None  # the recommend path has its own copy from here on
-                self.recommender = RecommendWorker(
-                    spec_source=self.recommender_spec,
-                    lock=self.register_lock,
-                    batch_timeout_s=s.recommend_request_timeout_s,
-                    log_level=s.log_level,
-                )
-                await self.recommender.start(spec)
+                if s.group_dir is not None and s.recommend_worker_shared:
+                    self.recommender = SharedRecommendWorker(
+                        address=self._group_address("rec"),
+                        guard=self._overlay_guard,
+                        registered=self._registered_rows,
+                        **common,
+                    )
+                else:
+                    self.recommender = RecommendWorker(**common)
+                await self.recommender.start()  # its spec from recommender_spec, as a restart builds it
             else:
                 spec = await asyncio.to_thread(self.recommender_spec)
-                self._item_table = None
                 self.recommender = await asyncio.to_thread(Recommender, spec)
+            self._item_table = None  # the recommend path has its own copy from here on
         except (RecommenderLoadError, WorkerCallError, WorkerUnavailable) as e:
             raise EngineLoadError(f"bundle {self.bundle_id}: {e}") from e
         window = self.window

@@ -276,12 +276,16 @@ class ProcessWorker:
 
     # ----- lifecycle (event loop) -----
 
-    async def start(self, spec: Any) -> None:
-        """Start the worker and build its model there. ``WorkerCallError``: the build failed there (the message
-        says why); ``WorkerUnavailable``: the process died while loading."""
+    async def start(self, spec: Any = None) -> None:
+        """Start the worker and build its model there (from ``spec``, else from ``spec_source``, as a restart
+        does). ``WorkerCallError``: the build failed there (the message says why); ``WorkerUnavailable``: the
+        process died while loading."""
         self._loop = asyncio.get_running_loop()
         self._closed = asyncio.Event()
-        await self._launch(spec)
+        if spec is None:
+            await self._start_one()
+        else:
+            await self._launch(spec)
 
     async def _start_one(self) -> None:
         """(Re)start from the catalog as it is now (``lock`` held)."""
@@ -364,9 +368,13 @@ class ProcessWorker:
             "%s worker pid %d ready in %.1f s (%s)", self.kind, proc.pid, info["load_seconds"], self._threads
         )
 
+    def _greet(self, channel: _Channel, spec: Any) -> dict[str, Any]:
+        """The first call on a new channel: build the model from ``spec``; what ``_loaded`` reads."""
+        return channel.call("load", spec, None)
+
     def _load(self, channel: _Channel, spec: Any) -> dict[str, Any]:
         try:
-            return channel.call("load", spec, None)
+            return self._greet(channel, spec)
         except (EOFError, OSError) as e:
             channel.close()
             proc = channel.proc
@@ -379,16 +387,20 @@ class ProcessWorker:
             raise
 
     def _shutdown(self, channel: _Channel) -> None:
+        self._leave(channel)
         proc = channel.proc
-        with contextlib.suppress(TimeoutError, EOFError, OSError, WorkerCallError):
-            channel.call("stop", None, _STOP_TIMEOUT_S)
-        channel.close()
         try:
             proc.wait(timeout=_STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             log.warning("%s worker pid %d did not exit after 'stop': killing it", self.kind, proc.pid)
             _kill(proc)
             proc.wait()
+
+    def _leave(self, channel: _Channel) -> None:
+        """Say 'stop' (the worker exits once its last server has) and close our end."""
+        with contextlib.suppress(TimeoutError, EOFError, OSError, WorkerCallError):
+            channel.call("stop", None, _STOP_TIMEOUT_S)
+        channel.close()
 
     # ----- death and restart -----
 
@@ -504,7 +516,7 @@ class _Shared:
     ``<address>.sock``; the others connect there (``hello`` instead of ``load``, then ``_joined``). The worker
     answers every connection and exits when the last one closes; when it dies, each HTTP process restarts its side
     as usual, and one of them starts the new worker. ``guard()`` (optional): an async context manager held around
-    each start.
+    each start. ``start()`` builds the spec inside the guard (no spec is passed).
     """
 
     kind: str
@@ -520,12 +532,6 @@ class _Shared:
         self._guard = guard
         self._connect_timeout_s = connect_timeout_s
         self._owner = False
-
-    async def start(self, spec: Any = None) -> None:
-        """Start or join the group's worker; ``spec`` is ignored (built by ``spec_source`` inside the guard)."""
-        self._loop = asyncio.get_running_loop()
-        self._closed = asyncio.Event()
-        await self._start_one()
 
     async def _start_one(self) -> None:
         async with self._guard() if self._guard is not None else contextlib.nullcontext():
@@ -568,20 +574,10 @@ class _Shared:
             self._watch(proc)
             return _Channel(proc, Connection(conn.detach()))
 
-    def _load(self, channel: _Channel, spec: Any) -> dict[str, Any]:
+    def _greet(self, channel: _Channel, spec: Any) -> dict[str, Any]:
         if self._owner:
-            return super()._load(channel, spec)
-        try:
-            return self._joined(channel, channel.call("hello", None, None))
-        except (EOFError, OSError) as e:
-            channel.close()
-            raise WorkerUnavailable(
-                f"the shared {self.kind} worker process (pid {channel.proc.pid}) went away",
-                self.unavailable_code,
-            ) from e
-        except BaseException:
-            channel.close()
-            raise
+            return super()._greet(channel, spec)
+        return self._joined(channel, channel.call("hello", None, None))
 
     def _joined(self, channel: _Channel, info: dict[str, Any]) -> dict[str, Any]:
         """After ``hello`` from a process that joined the worker (a thread); returns what ``_loaded`` reads."""
@@ -594,10 +590,9 @@ class _Shared:
             channel.close()  # other processes may be using it
 
     def _shutdown(self, channel: _Channel) -> None:
-        """Leave the worker: it exits once every HTTP process has left (the waiter thread reaps our child)."""
-        with contextlib.suppress(TimeoutError, EOFError, OSError, WorkerCallError):
-            channel.call("stop", None, _STOP_TIMEOUT_S)
-        channel.close()
+        """Leave the worker, not waiting for it: other HTTP processes may still use it (our waiter thread reaps it
+        if it is our child)."""
+        self._leave(channel)
 
 
 class SharedRecommendWorker(_Shared, RecommendWorker):

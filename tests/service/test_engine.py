@@ -7,6 +7,7 @@ recommendation also with top-k by faiss and on the backbone's device (``index_sc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 
@@ -327,15 +328,25 @@ def test_corrupt_or_missing_bundle_is_refused(artifacts, tmp_path):
         run(Engine(settings_for(tmp_path / "empty")).start())
 
 
+@contextlib.asynccontextmanager
+async def two_engines(artifacts):
+    """Two engines on one artifacts dir, as two HTTP processes of `llmemb serve --processes 2` are."""
+    one, two = Engine(settings_for(artifacts)), Engine(settings_for(artifacts))
+    await one.start()
+    await two.start()
+    try:
+        yield one, two
+    finally:
+        await one.stop()
+        await two.stop()
+
+
 def test_processes_sharing_an_overlay_see_each_others_items(artifacts):
     """Two engines on one artifacts dir (as the HTTP processes of `llmemb serve --processes 2` are): rows never
     collide, and each picks up the other's registrations and upserts before it reads the catalog."""
 
     async def go():
-        one, two = Engine(settings_for(artifacts)), Engine(settings_for(artifacts))
-        await one.start()
-        await two.start()
-        try:
+        async with two_engines(artifacts) as (one, two):
             await one.register([("from-one", NEW_ATTRS)])
             # two has not read one's line yet: its registration picks it up first and takes the next row
             res = await two.register([("from-two", {"title": "dark metal drum"})])
@@ -376,9 +387,6 @@ def test_processes_sharing_an_overlay_see_each_others_items(artifacts):
             for e in (one, two):
                 await e.sync_catalog()
                 assert e.info()["n_items"] == N_ITEMS + 4
-        finally:
-            await one.stop()
-            await two.stop()
 
     run(go())
     lines = [
@@ -389,10 +397,7 @@ def test_processes_sharing_an_overlay_see_each_others_items(artifacts):
 
 def test_items_another_process_registered_without_cached_vectors_are_embedded_again(artifacts):
     async def go():
-        one, two = Engine(settings_for(artifacts)), Engine(settings_for(artifacts))
-        await one.start()
-        await two.start()
-        try:
+        async with two_engines(artifacts) as (one, two):
             await one.register([("from-one", NEW_ATTRS)])
             (artifacts / "overlays" / BUNDLE_A / "vectors.bin").unlink()  # the cache is lost, the line is not
             rec = await two.recommend(["from-one"], k=3)
@@ -400,9 +405,6 @@ def test_items_another_process_registered_without_cached_vectors_are_embedded_ag
             np.testing.assert_allclose(
                 two.item_vector("from-one", "item"), one.item_vector("from-one", "item"), atol=1e-5
             )
-        finally:
-            await one.stop()
-            await two.stop()
 
     run(go())
 
