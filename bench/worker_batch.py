@@ -39,6 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="extra service setting, e.g. --set recommend_cuda_graphs=false",
+    )
     args = p.parse_args(argv)
 
     from service.engine import Engine
@@ -56,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             embed_worker="thread",
             index_scoring=args.scoring,
             warmup=False,
+            **dict(item.split("=", 1) for item in args.set),
         )
         engine = Engine(settings)
 
@@ -94,14 +102,15 @@ def main(argv: list[str] | None = None) -> int:
             await engine.start()
             try:
                 got = await asyncio.to_thread(measure)
-                return got, engine._state.recommender.index_info().get("scoring")
+                return got, engine._state.recommender.index_info()
             finally:
                 await engine.stop()
 
-        results, scoring = asyncio.run(run())
+        results, info = asyncio.run(run())
     med = [statistics.median(r[i] for r in results) for i in range(3)]
     print(
-        f"\n{args.synthetic}, {args.device}, scoring {scoring}, batch {args.batch}: "
+        f"\n{args.synthetic}, {args.device}, scoring {info.get('scoring')}, cuda graphs "
+        f"{info.get('cuda_graphs')}, batch {args.batch}: "
         f"median {med[0]:,.0f} req/s, worker {med[1]:.1f} us/req, sender {med[2]:.1f} us/req"
     )
     return 0

@@ -533,6 +533,7 @@ class _State:
             index=self._index_config(),
             device=str(self.device),
             threads=self.settings.torch_threads,
+            cuda_graphs=self.settings.recommend_cuda_graphs,
         )
 
     # ----- capabilities -----

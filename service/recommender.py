@@ -88,6 +88,7 @@ class RecommenderSpec:
     index: IndexConfig
     device: str  # "cpu" | "cuda" | "cuda:N"
     threads: int | None  # torch and faiss intra-op threads (None: the libraries' defaults)
+    cuda_graphs: bool = True  # on CUDA: replay captured backbone forwards (``ForwardGraphs``)
 
 
 def _pad_rows(seqs: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -114,6 +115,85 @@ class CatalogEncoder(ItemEncoder):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight)
+
+
+def _bucket(n: int, floor: int = 1) -> int:
+    """The power of two at or above ``max(n, floor)``."""
+    return 1 << (max(n, floor) - 1).bit_length()
+
+
+class ForwardGraphs:
+    """The backbone's forward on CUDA as captured CUDA graphs, one per padded shape (batch rounded up to a power
+    of two, history width to a power of two from 8, capped at the window), captured on first use and replayed.
+
+    Why: a backbone call is a few dozen small kernels, and on a GPU their launches from Python, not the
+    arithmetic, are what a batch costs (docs/BENCHMARKS.md); a replay launches them all at once. The rows past the
+    batch are all padding and their states are dropped; positions are right-aligned, so a user's state does not
+    depend on the width it was padded to.
+
+    A graph holds the addresses it was captured with: the parameters (the backbone is never rebuilt while served,
+    see ``SRSBackbone.items_grew``) and the item table's storage, captured whole (``_Rows.data``, spare rows
+    included) so that rows appended within its capacity need no new capture. Captures are dropped and redone
+    lazily when the storage moves (capacity grew) or what the forward bakes in changes (Bert4Rec's [mask] id,
+    which follows the item count). Batches past ``max_batch`` run in parts.
+    """
+
+    MIN_WIDTH = 8
+
+    def __init__(self, window: int, max_batch: int = 512) -> None:
+        self.window, self.max_batch = window, max_batch
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.key: tuple | None = None
+        self.pool = None
+        self.captures = 0
+
+    def _key(self, model: torch.nn.Module, data: torch.Tensor) -> tuple:
+        return (id(model), data.data_ptr(), data.shape[0], getattr(model, "mask_id", None))
+
+    def _capture(self, model: torch.nn.Module, data: torch.Tensor, b: int, w: int):
+        enc = model.item_encoder
+        view, enc.weight = enc.weight, data  # the whole storage: appended rows are read without a new capture
+        try:
+            static_in = torch.zeros(b, w, dtype=torch.long, device=data.device)
+            side = torch.cuda.Stream(data.device)
+            side.wait_stream(torch.cuda.current_stream(data.device))
+            with torch.cuda.stream(side):  # warm-up off the capture: lazy initialisation, kernel selection
+                for _ in range(2):
+                    model(static_in)
+            torch.cuda.current_stream(data.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                static_out = model(static_in)
+        finally:
+            enc.weight = view
+        self.captures += 1
+        return graph, static_in, static_out
+
+    @torch.inference_mode()
+    def users(
+        self, model: torch.nn.Module, data: torch.Tensor, seqs: Sequence[Sequence[int]]
+    ) -> torch.Tensor:
+        """``Recommender.users`` by graph replay: (B, dim) float32 on the device."""
+        if len(seqs) > self.max_batch:
+            m = self.max_batch
+            return torch.cat([self.users(model, data, seqs[i : i + m]) for i in range(0, len(seqs), m)])
+        key = self._key(model, data)
+        if key != self.key:
+            self.graphs.clear()  # frees the old captures' memory with their pool
+            self.key, self.pool = key, torch.cuda.graph_pool_handle()
+        b = _bucket(len(seqs))
+        w = min(self.window, _bucket(max(len(s) for s in seqs), self.MIN_WIDTH))
+        entry = self.graphs.get((b, w))
+        if entry is None:
+            entry = self.graphs[(b, w)] = self._capture(model, data, b, w)
+        graph, static_in, static_out = entry
+        host = np.zeros((b, w), dtype=np.int64)
+        for i, s in enumerate(seqs):
+            if s:
+                host[i, w - len(s) :] = s
+        static_in.copy_(torch.from_numpy(host))
+        graph.replay()
+        return static_out[: len(seqs)].to(torch.float32, copy=True)  # the next replay overwrites static_out
 
 
 class _Rows:
@@ -163,6 +243,12 @@ class Recommender:
             self.model = self._build_model()
         except (RuntimeError, ValueError) as e:
             raise RecommenderLoadError(f"srs/{self.backbone}.safetensors does not fit its config: {e}") from e
+        # GRU4Rec packs its sequences by length on the host: not capturable, it runs eagerly.
+        self.graphs = (
+            ForwardGraphs(self.window)
+            if spec.cuda_graphs and self.device.type == "cuda" and spec.backbone != "gru4rec"
+            else None
+        )
         self.index = ItemIndex(table, spec.index)
         self.scoring = resolve_scoring(spec.index.scoring, self.device, self.index.exact)
         self.index_recall: float | None = None
@@ -192,7 +278,13 @@ class Recommender:
         return None
 
     def index_info(self) -> dict[str, Any]:
-        return {**self.index.describe(), "scoring": self.scoring, "recall_at_10": self.index_recall}
+        return {
+            **self.index.describe(),
+            "scoring": self.scoring,
+            "recall_at_10": self.index_recall,
+            "cuda_graphs": self.graphs
+            is not None,  # the backbone's forward (the recommend path's other half)
+        }
 
     def status(self) -> dict[str, Any]:
         return {
@@ -235,6 +327,8 @@ class Recommender:
     @torch.inference_mode()
     def users(self, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
         """(B, dim) float32 on the backbone's device: the user vector of each history (already cut to the window)."""
+        if self.graphs is not None:
+            return self.graphs.users(self.model, self.item_rows.data, seqs)
         call_cost = _GROUP_CALL_COST_CUDA if self.device.type == "cuda" else _GROUP_CALL_COST_CPU
         groups = length_groups([len(s) for s in seqs], call_cost)
         if len(groups) == 1:
@@ -282,10 +376,11 @@ class Recommender:
         last: dict[int, int] = {r: i for i, r in enumerate(rows)}  # a row given twice: the last one wins
         rows = list(last)
         item = np.ascontiguousarray(np.asarray(item, dtype=np.float32)[[last[r] for r in rows]])
-        grew = max(rows) >= self.item_rows.n
         self.item_rows.set(rows, torch.from_numpy(item))
-        if grew:
-            self.model = self._build_model()
-        else:
-            self.model.item_encoder.weight = self.item_rows.view()
+        view = self.item_rows.view()
+        enc = self.model.item_encoder
+        enc.weight = view
+        if view.shape[0] - 1 != enc.n_items:  # rows appended: the backbone goes on with the longer table
+            enc.n_items = view.shape[0] - 1
+            self.model.items_grew(enc.n_items)
         self.index.upsert(rows, item)

@@ -175,6 +175,11 @@ class Settings(BaseSettings):
     recommend_max_wait_ms: float = Field(0.0, ge=0)
     recommend_max_queue: int = Field(4096, ge=1)
     recommend_request_timeout_s: float = Field(10.0, gt=0)
+    recommend_cuda_graphs: bool = Field(
+        True,
+        description="on CUDA: run the backbone's forward (SASRec, Bert4Rec) as captured CUDA graphs, one per "
+        "padded batch shape, instead of launching its kernels one by one from Python",
+    )
 
     # --- faiss index ---------------------------------------------------------------------------------------
     index_kind: IndexKind = "auto"

@@ -13,7 +13,7 @@ position L-1.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -120,6 +120,11 @@ class SRSBackbone(nn.Module):
 
     def item_table(self) -> torch.Tensor:
         return self.item_encoder.table()
+
+    def items_grew(self, n_items: int) -> None:
+        """The item encoder now holds ``n_items`` items (a served catalog that grew): update what the backbone
+        derives from the count, so it goes on without being rebuilt (its parameters stay where they are)."""
+        self.config = replace(self.config, n_items=n_items)
 
 
 def target_rows(x: torch.Tensor, mask: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:

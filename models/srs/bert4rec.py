@@ -36,6 +36,10 @@ class Bert4Rec(SRSBackbone):
         self.mask_vector = nn.Parameter(torch.randn(config.hidden) * 0.02)  # (H,)
         self.stack = TransformerStack(config, causal=False)
 
+    def items_grew(self, n_items: int) -> None:
+        super().items_grew(n_items)
+        self.mask_id = n_items + 1  # the [mask] id stays past the last item
+
     def embed(self, seq: torch.Tensor) -> torch.Tensor:
         """(B, L) ids, possibly containing mask_id -> (B, L, H) input vectors."""
         is_mask = seq == self.mask_id

@@ -5,6 +5,8 @@ back in the batch's order."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,12 @@ N_ITEMS, DIM, MAX_LEN = 300, 16, 12
 
 
 def spec(
-    scoring: str, backbone: str = "sasrec", kind: str = "flat", max_len: int = MAX_LEN
+    scoring: str,
+    backbone: str = "sasrec",
+    kind: str = "flat",
+    max_len: int = MAX_LEN,
+    device: str = "cpu",
+    cuda_graphs: bool = True,
 ) -> RecommenderSpec:
     torch.manual_seed(0)
     cfg = SRSConfig(n_items=N_ITEMS, hidden=DIM, n_layers=1, dropout=0.0, max_len=max_len)
@@ -35,8 +42,9 @@ def spec(
         srs_body=body,
         table=table,
         index=IndexConfig(kind=kind, scoring=scoring),
-        device="cpu",
+        device=device,
         threads=None,
+        cuda_graphs=cuda_graphs,
     )
 
 
@@ -104,3 +112,68 @@ def test_histories_of_very_different_lengths_run_as_groups_and_come_back_in_orde
     batched = rec.users(seqs)  # on the CPU: one backbone call per group of similar lengths
     alone = torch.cat([rec.users([s]) for s in seqs])
     torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-5)
+
+
+def grown(s: RecommenderSpec, rows: list[int], vectors: np.ndarray) -> RecommenderSpec:
+    """``s`` with ``vectors`` written at ``rows`` of its table (appended past its end): a fresh build's input."""
+    table = np.zeros((max(len(s.table), max(rows) + 1), s.table.shape[1]), dtype=np.float32)
+    table[: len(s.table)] = s.table
+    table[rows] = vectors
+    return dataclasses.replace(s, table=table)
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "gru4rec", "bert4rec"])
+def test_a_catalog_grown_in_place_answers_as_a_recommender_built_on_the_grown_table(backbone):
+    """apply_rows appends rows without rebuilding the backbone (``items_grew``): Bert4Rec's [mask] id moves past
+    the new items, so a history holding the old [mask] id (now an item) reads that item's vector."""
+    base = spec("device", backbone)
+    rec = Recommender(base)
+    model = rec.model
+    rng = np.random.default_rng(4)
+    new = rng.standard_normal((300, DIM)).astype(np.float32)  # past _Rows' spare capacity: the storage moves
+    rows = list(range(N_ITEMS + 1, N_ITEMS + 301))
+    for i in range(0, 300, 100):
+        rec.apply_rows(rows[i : i + 100], new[i : i + 100])
+    assert rec.model is model and rec.model.item_encoder.n_items == N_ITEMS + 300
+    fresh = Recommender(grown(base, rows, new))
+    batch = requests(rng, 40, top=N_ITEMS + 300) + [
+        ([N_ITEMS + 1], 10, False),
+        ([3, N_ITEMS + 1, 7], 10, True),
+    ]
+    assert_same(rec.serve_batch(batch), fresh.serve_batch(batch))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backbone", ["sasrec", "bert4rec"])
+def test_cuda_graph_replays_answer_as_the_eager_forward(backbone):
+    """Batches of every bucket (and past the largest, in parts), before and after rows are appended within the
+    table's capacity (no new capture) and past it (the storage moves: captured again), and Bert4Rec's [mask] id
+    change: the graphed forward gives the eager one's users and recommendations."""
+    graphed = Recommender(spec("device", backbone, max_len=50, device="cuda"))
+    eager = Recommender(spec("device", backbone, max_len=50, device="cuda", cuda_graphs=False))
+    assert graphed.graphs is not None and eager.graphs is None and graphed.index_info()["cuda_graphs"]
+    graphed.graphs.max_batch = 64
+    rng = np.random.default_rng(5)
+
+    def check(top: int) -> None:
+        for n in (1, 3, 17, 64, 150):
+            batch = requests(rng, n, top=top)
+            seqs = [tuple(r[-graphed.window :]) for r, _, _ in batch]
+            torch.testing.assert_close(graphed.users(seqs), eager.users(seqs), rtol=1e-4, atol=1e-4)
+            assert_same(graphed.serve_batch(batch), eager.serve_batch(batch))
+
+    check(N_ITEMS)
+    captured = graphed.graphs.captures
+    assert captured > 0
+    check(N_ITEMS)
+    assert graphed.graphs.captures == captured  # same shapes: replays only
+    new = rng.standard_normal((300, DIM)).astype(np.float32)
+    for rows, part in (
+        ([N_ITEMS + 1, N_ITEMS + 2], new[:2]),
+        (list(range(N_ITEMS + 3, N_ITEMS + 301)), new[2:]),
+    ):
+        for rec in (graphed, eager):
+            rec.apply_rows(rows, part)
+        check(rows[-1])
+    assert graphed.graphs.captures > captured
