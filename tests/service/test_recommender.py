@@ -56,6 +56,19 @@ def requests(rng: np.random.Generator, n: int, top: int = N_ITEMS) -> list:
     return out
 
 
+def assert_near(got, want, tol: float = 1e-4) -> None:
+    """``assert_same`` for results computed in another order of sums (e.g. another padded width on a GPU):
+    scores equal within ``tol``, and rows equal except where two rows' scores tie within ``tol``."""
+    assert len(got) == len(want)
+    for (g_rows, g_scores, g_n), (w_rows, w_scores, w_n) in zip(got, want):
+        assert len(g_rows) == len(w_rows) and g_n == w_n
+        np.testing.assert_allclose(g_scores, w_scores, rtol=0, atol=tol)
+        for i, (g, w) in enumerate(zip(g_rows, w_rows)):
+            if g != w:  # a near-tie ordered the other way, or swapped across the k boundary
+                j = w_rows.index(g) if g in w_rows else len(w_rows) - 1
+                assert abs(w_scores[j] - w_scores[i]) <= 2 * tol, (i, g, w)
+
+
 def assert_same(got, want) -> None:
     assert len(got) == len(want)
     for (g_rows, g_scores, g_n), (w_rows, w_scores, w_n) in zip(got, want):
@@ -161,7 +174,7 @@ def test_cuda_graph_replays_answer_as_the_eager_forward(backbone):
             batch = requests(rng, n, top=top)
             seqs = [tuple(r[-graphed.window :]) for r, _, _ in batch]
             torch.testing.assert_close(graphed.users(seqs), eager.users(seqs), rtol=1e-4, atol=1e-4)
-            assert_same(graphed.serve_batch(batch), eager.serve_batch(batch))
+            assert_near(graphed.serve_batch(batch), eager.serve_batch(batch))
 
     check(N_ITEMS)
     captured = graphed.graphs.captures
