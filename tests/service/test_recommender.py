@@ -167,6 +167,7 @@ def test_cuda_graph_replays_answer_as_the_eager_forward(backbone):
     eager = Recommender(spec("device", backbone, max_len=50, device="cuda", cuda_graphs=False))
     assert graphed.graphs is not None and eager.graphs is None and graphed.index_info()["cuda_graphs"]
     graphed.graphs.max_batch = 64
+
     def check(top: int, seed: int) -> None:
         rng = np.random.default_rng(seed)
         for n in (1, 3, 17, 64, 150):
