@@ -24,6 +24,7 @@ import os
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import faiss
@@ -47,6 +48,28 @@ _GROUP_CALL_COST_CUDA = 1 << 20
 # (history rows, k, exclude_seen) -> (rows best first, their scores, distinct rows excluded)
 Request = tuple[Sequence[int], int, bool]
 Result = tuple[list[int], list[float], int]
+# A batch's results as flat arrays: per-request counts (B,) int32, then every request's rows (int64) and scores
+# (float32) one after the other, best first. What recommend_batch returns and the worker process sends back.
+Packed = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def pack(results: Sequence[SearchResult]) -> Packed:
+    """Per-request ``SearchResult``s (the faiss index's answer) -> ``Packed``."""
+    counts = np.fromiter((len(r.rows) for r in results), dtype=np.int32, count=len(results))
+    rows = np.concatenate([np.zeros(0, np.int64), *(r.rows for r in results)])
+    scores = np.concatenate([np.zeros(0, np.float32), *(r.scores for r in results)])
+    return counts, rows, scores
+
+
+def unpack(counts: np.ndarray, rows: np.ndarray, scores: np.ndarray, excluded: np.ndarray) -> list[Result]:
+    """``Packed`` + per-request excluded counts -> one ``Result`` per request."""
+    rows_l, scores_l = rows.tolist(), scores.tolist()
+    out: list[Result] = []
+    at = 0
+    for n, ex in zip(counts.tolist(), excluded.tolist()):
+        out.append((rows_l[at : at + n], scores_l[at : at + n], ex))
+        at += n
+    return out
 
 
 class RecommenderLoadError(RuntimeError):
@@ -91,14 +114,28 @@ class RecommenderSpec:
     cuda_graphs: bool = True  # on CUDA: replay captured backbone forwards (``ForwardGraphs``)
 
 
+def left_padded(
+    seqs: Sequence[Sequence[int]], width: int | None = None, rows: int | None = None
+) -> np.ndarray:
+    """``models.srs.pad_left`` for histories already cut to the window, in numpy with no loop over the batch:
+    (``rows`` or B, ``width`` or the longest) int64, each history at the right end of its row, zeros before it
+    and in the rows past B."""
+    lens = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    width = int(lens.max()) if width is None else width
+    out = np.zeros((len(seqs) if rows is None else rows, width), dtype=np.int64)
+    total = int(lens.sum())
+    if total:
+        ids = np.fromiter(chain.from_iterable(seqs), dtype=np.int64, count=total)
+        ends = np.cumsum(lens)
+        # flat position of each id: its row's end of line, less how many ids of its history come after it
+        pos = np.repeat(np.arange(len(seqs), dtype=np.int64) * width + width - ends, lens) + np.arange(total)
+        out.reshape(-1)[pos] = ids
+    return out
+
+
 def _pad_rows(seqs: Sequence[Sequence[int]]) -> torch.Tensor:
-    """``models.srs.pad_left`` for histories already cut to the window, filled in numpy: one tensor for the
-    batch instead of one per history (pad_left's per-row tensors cost ~7 us each on the worker thread)."""
-    width = max(len(s) for s in seqs)
-    out = np.zeros((len(seqs), width), dtype=np.int64)
-    for i, s in enumerate(seqs):
-        out[i, width - len(s) :] = s
-    return torch.from_numpy(out)
+    """``left_padded`` as a tensor for the backbone (one tensor for the batch, not one per history)."""
+    return torch.from_numpy(left_padded(seqs))
 
 
 class CatalogEncoder(ItemEncoder):
@@ -187,11 +224,7 @@ class ForwardGraphs:
         if entry is None:
             entry = self.graphs[(b, w)] = self._capture(model, data, b, w)
         graph, static_in, static_out = entry
-        host = np.zeros((b, w), dtype=np.int64)
-        for i, s in enumerate(seqs):
-            if s:
-                host[i, w - len(s) :] = s
-        static_in.copy_(torch.from_numpy(host))
+        static_in.copy_(torch.from_numpy(left_padded(seqs, w, b)))
         graph.replay()
         return static_out[: len(seqs)].to(torch.float32, copy=True)  # the next replay overwrites static_out
 
@@ -317,10 +350,9 @@ class Recommender:
     def serve_batch(self, batch: Sequence[Request]) -> list[Result]:
         """The micro-batcher's batch function: one ``Result`` per request, in order."""
         prepared, excluded = self.prepare(batch)
-        results = self.recommend_batch(prepared)
-        return [(r.rows.tolist(), r.scores.tolist(), n) for r, n in zip(results, excluded)]
+        return unpack(*self.recommend_batch(prepared), np.asarray(excluded, dtype=np.int32))
 
-    def recommend_batch(self, batch: list[tuple[tuple[int, ...], int, frozenset[int]]]) -> list[SearchResult]:
+    def recommend_batch(self, batch: list[tuple[tuple[int, ...], int, frozenset[int]]]) -> Packed:
         """Backbone forward (one call per group of similar history lengths) + top-k with exclusion."""
         return self.search(self.users([b[0] for b in batch]), batch)
 
@@ -339,36 +371,36 @@ class Recommender:
 
     def search(
         self, users: torch.Tensor, batch: Sequence[tuple[Sequence[int], int, Collection[int]]]
-    ) -> list[SearchResult]:
+    ) -> Packed:
         """Top-k rows per user vector, each request's excluded rows skipped (``batch``: (_, k, exclude))."""
         if self.scoring == "device":
             return self._search_table(users, batch)
-        return self.index.search(users.cpu().numpy(), [b[1] for b in batch], [b[2] for b in batch])
+        return pack(self.index.search(users.cpu().numpy(), [b[1] for b in batch], [b[2] for b in batch]))
 
     @torch.inference_mode()
     def _search_table(
         self, users: torch.Tensor, batch: Sequence[tuple[Sequence[int], int, Collection[int]]]
-    ) -> list[SearchResult]:
+    ) -> Packed:
         """Exact top-k on the backbone's device: scores against every row of the item table, padding row 0 and
-        each request's excluded rows set to -inf, one ``topk`` for the batch; only (B, k) goes to the host."""
+        each request's excluded rows set to -inf, one ``topk`` for the batch; only (B, k) goes to the host. The
+        exclusion and the per-request cuts are array operations over the whole batch."""
         table = self.item_rows.view()
-        scores = users @ table.T  # (B, rows)
-        scores[:, 0] = -math.inf
         n_rows = table.shape[0]
-        hit_b = np.fromiter((i for i, b in enumerate(batch) for r in b[2] if 0 < r < n_rows), dtype=np.int64)
-        if len(hit_b):
-            hit_r = np.fromiter((r for b in batch for r in b[2] if 0 < r < n_rows), dtype=np.int64)
-            idx = torch.from_numpy(np.stack([hit_b, hit_r])).to(self.device)
-            scores[idx[0], idx[1]] = -math.inf
-        want = min(max(b[1] for b in batch), n_rows - 1)
+        scores = users @ table.T  # (B, rows), contiguous
+        scores[:, 0] = -math.inf
+        lens = [len(b[2]) for b in batch]
+        total = sum(lens)
+        if total:
+            hit = np.fromiter(chain.from_iterable(b[2] for b in batch), dtype=np.int64, count=total)
+            flat = np.repeat(np.arange(len(batch), dtype=np.int64) * n_rows, lens) + hit
+            flat = flat[(hit > 0) & (hit < n_rows)]
+            scores.view(-1).index_fill_(0, torch.from_numpy(flat).to(self.device), -math.inf)
+        ks = np.fromiter((b[1] for b in batch), dtype=np.int64, count=len(batch))
+        want = min(int(ks.max()), n_rows - 1)
         top_s, top_r = torch.topk(scores, want, dim=1)
         top_s, top_r = top_s.cpu().numpy(), top_r.cpu().numpy()
-        out = []
-        for i, b in enumerate(batch):
-            s, r = top_s[i, : b[1]], top_r[i, : b[1]]
-            keep = s > -np.inf
-            out.append(SearchResult(r[keep].astype(np.int64), s[keep].astype(np.float32)))
-        return out
+        keep = (np.arange(want) < ks[:, None]) & (top_s > -np.inf)  # each request's k; no excluded row
+        return keep.sum(axis=1, dtype=np.int32), top_r[keep].astype(np.int64), top_s[keep].astype(np.float32)
 
     def apply_rows(self, rows: Sequence[int], item: np.ndarray) -> None:
         """Set the ``item`` vectors of ``rows`` (new rows continue the numbering) in the table the backbone reads

@@ -66,7 +66,7 @@ from typing import Any
 import numpy as np
 
 from service.embedder import EmbedModel, EmbedSpec
-from service.recommender import Recommender, RecommenderSpec, Request, Result, apply_threads
+from service.recommender import Recommender, RecommenderSpec, Request, Result, apply_threads, unpack
 
 log = logging.getLogger(__name__)
 
@@ -179,27 +179,10 @@ class _Channel:
             self.conn.close()
 
 
-def unpack_results(
-    counts: np.ndarray, rows: np.ndarray, scores: np.ndarray, excluded: np.ndarray
-) -> list[Result]:
-    """The flat arrays of a batch's results -> one ``(rows, scores, excluded)`` per request."""
-    rows_l, scores_l = rows.tolist(), scores.tolist()
-    out: list[Result] = []
-    at = 0
-    for n, ex in zip(counts.tolist(), excluded.tolist()):
-        out.append((rows_l[at : at + n], scores_l[at : at + n], ex))
-        at += n
-    return out
-
-
 def pack_results(rec: Recommender, batch: Sequence[Request]) -> tuple[np.ndarray, ...]:
     """``Recommender.serve_batch`` as four flat arrays: per-request counts, rows, scores, excluded counts."""
     prepared, excluded = rec.prepare(batch)
-    results = rec.recommend_batch(prepared)
-    counts = np.fromiter((len(r.rows) for r in results), dtype=np.int32, count=len(results))
-    rows = np.concatenate([np.zeros(0, np.int64), *(r.rows for r in results)])
-    scores = np.concatenate([np.zeros(0, np.float32), *(r.scores for r in results)])
-    return counts, rows, scores, np.asarray(excluded, dtype=np.int32)
+    return (*rec.recommend_batch(prepared), np.asarray(excluded, dtype=np.int32))
 
 
 def split_packed(packed: tuple[np.ndarray, ...], sizes: Sequence[int]) -> list[tuple[np.ndarray, ...]]:
@@ -499,7 +482,7 @@ class RecommendWorker(ProcessWorker):
 
     def serve_batch(self, batch: Sequence[Request]) -> list[Result]:
         """The micro-batcher's batch function: the batch goes to the worker, its results come back."""
-        return unpack_results(*self._request("recommend", batch, self._batch_timeout_s))
+        return unpack(*self._request("recommend", batch, self._batch_timeout_s))
 
     def apply_rows(self, rows: Sequence[int], item: np.ndarray) -> None:
         """``Recommender.apply_rows`` in the worker; returns once it is applied there."""

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.srs import SRSConfig, build_backbone
+from models.srs import SRSConfig, build_backbone, pad_left
 from service.index import IndexConfig
-from service.recommender import Recommender, RecommenderSpec, resolve_scoring
+from service.recommender import Recommender, RecommenderSpec, left_padded, resolve_scoring
 
 N_ITEMS, DIM, MAX_LEN = 300, 16, 12
 
@@ -116,6 +116,16 @@ def test_auto_scoring_picks_the_device_only_on_cuda_with_an_exact_index():
     assert rec.index_info()["kind"] == "hnsw" and rec.index_info()["recall_at_10"] is None
     with pytest.raises(ValueError, match="scoring must be"):
         IndexConfig(scoring="gpu")
+
+
+def test_left_padded_is_pad_left_with_room_to_spare():
+    rng = np.random.default_rng(8)
+    seqs = [rng.integers(1, 99, size=n).tolist() for n in (3, 1, 7, 0, 7, 2)]
+    want = pad_left(seqs, max_len=0).numpy()
+    np.testing.assert_array_equal(left_padded(seqs), want)
+    wide = left_padded(seqs, width=10, rows=8)  # a CUDA graph's padded shape
+    assert wide.shape == (8, 10) and not wide[6:].any() and not wide[:, :3].any()
+    np.testing.assert_array_equal(wide[:6, 3:], want)
 
 
 def test_histories_of_very_different_lengths_run_as_groups_and_come_back_in_order():
