@@ -117,6 +117,16 @@ def settings_for(artifacts: Path, **kw):
     return Settings(**{**base, **kw})
 
 
+def serve_env(**settings: str) -> dict[str, str]:
+    """The environment for a ``python -m llmemb.cli serve`` child: this one without LLMEMB_* and PROMETHEUS_*
+    settings, plus ``settings``, with the repository ahead of whatever PYTHONPATH already holds."""
+    root = str(Path(__file__).resolve().parents[2])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMEMB_", "PROMETHEUS_"))}
+    env.update(settings)
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
+
+
 def assert_error(r: httpx.Response, status: int, code: str | None = None) -> dict:
     """The response is an error of the API's one shape, with this status (and code); returns its body."""
     assert r.status_code == status, r.text

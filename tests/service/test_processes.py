@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.helpers import API_KEY, BUNDLE_A, BUNDLE_B, N_ITEMS, assert_error, process_gone
+from tests.service.helpers import API_KEY, BUNDLE_A, BUNDLE_B, N_ITEMS, assert_error, process_gone, serve_env
 
 ROOT = Path(__file__).resolve().parents[2]
 KITE = {"title": "bright wooden kite", "year": 1995, "genres": ["outdoor"]}
@@ -63,8 +63,7 @@ def _worker(c: httpx.Client) -> dict:
 @pytest.mark.parametrize("worker_mode", ["thread", "process"])
 def test_two_http_processes_share_registrations_reloads_and_metrics(artifacts, worker_mode):
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMEMB_", "PROMETHEUS_"))}
-    env.update(
+    env = serve_env(
         LLMEMB_API_KEYS=API_KEY,
         LLMEMB_DEVICE="cpu",
         LLMEMB_TORCH_THREADS="1",
@@ -73,7 +72,6 @@ def test_two_http_processes_share_registrations_reloads_and_metrics(artifacts, w
         LLMEMB_EMBED_WORKER_SHARED="true",  # in process mode: one LLM copy for both
         LLMEMB_EMBED_MAX_WAIT_MS="2",
         LLMEMB_LOG_LEVEL="warning",
-        PYTHONPATH=str(ROOT),
     )
     argv = [sys.executable, "-m", "llmemb.cli", "serve", "--artifacts", str(artifacts), "--port", str(port)]
     server = subprocess.Popen(

@@ -25,6 +25,7 @@ from tests.service.helpers import (
     assert_error,
     live_server,
     process_gone,
+    serve_env,
     settings_for,
 )
 
@@ -119,13 +120,11 @@ def test_llmemb_serve_stopped_with_ctrl_c_leaves_no_process_behind(artifacts):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMEMB_")}
-    env.update(
+    env = serve_env(
         LLMEMB_RECOMMEND_WORKER="process",
         LLMEMB_DEVICE="cpu",
         LLMEMB_TORCH_THREADS="1",
         LLMEMB_LOG_LEVEL="warning",
-        PYTHONPATH=str(ROOT),
     )
     argv = [sys.executable, "-m", "llmemb.cli", "serve", "--artifacts", str(artifacts), "--port", str(port)]
     # A session of its own: the Ctrl-C below reaches the server and its worker, as a terminal's would.
