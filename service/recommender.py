@@ -360,7 +360,11 @@ class Recommender:
     def users(self, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
         """(B, dim) float32 on the backbone's device: the user vector of each history (already cut to the window)."""
         if self.graphs is not None:
-            return self.graphs.users(self.model, self.item_rows.data, seqs)
+            try:
+                return self.graphs.users(self.model, self.item_rows.data, seqs)
+            except RuntimeError as e:  # a forward this GPU or torch build cannot capture: eager from now on
+                log.warning("CUDA graphs off for this bundle's backbone (%s); running it eagerly", e)
+                self.graphs = None
         call_cost = _GROUP_CALL_COST_CUDA if self.device.type == "cuda" else _GROUP_CALL_COST_CPU
         groups = length_groups([len(s) for s in seqs], call_cost)
         if len(groups) == 1:

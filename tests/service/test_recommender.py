@@ -118,6 +118,22 @@ def test_auto_scoring_picks_the_device_only_on_cuda_with_an_exact_index():
         IndexConfig(scoring="gpu")
 
 
+def test_a_forward_that_cannot_be_captured_runs_eagerly_from_then_on(caplog):
+    rec = Recommender(spec("device"))
+    want = rec.serve_batch(requests(np.random.default_rng(9), 8))
+
+    class Uncapturable:
+        def users(self, *args):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    rec.graphs = Uncapturable()  # what a failed capture on a GPU looks like to the recommender
+    with caplog.at_level("WARNING", logger="service.recommender"):
+        got = rec.serve_batch(requests(np.random.default_rng(9), 8))
+    assert rec.graphs is None and "CUDA graphs off" in caplog.text
+    assert_same(got, want)
+    assert rec.index_info()["cuda_graphs"] is False
+
+
 def test_left_padded_is_pad_left_with_room_to_spare():
     rng = np.random.default_rng(8)
     seqs = [rng.integers(1, 99, size=n).tolist() for n in (3, 1, 7, 0, 7, 2)]
