@@ -177,18 +177,15 @@ class ForwardGraphs:
 
     MIN_WIDTH = 8
 
-    def __init__(self, window: int, max_batch: int = 512) -> None:
-        self.window, self.max_batch = window, max_batch
+    def __init__(self, model: torch.nn.Module, window: int, max_batch: int = 512) -> None:
+        self.model, self.window, self.max_batch = model, window, max_batch
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.key: tuple | None = None
         self.pool = None
         self.captures = 0
 
-    def _key(self, model: torch.nn.Module, data: torch.Tensor) -> tuple:
-        return (id(model), data.data_ptr(), data.shape[0], getattr(model, "mask_id", None))
-
-    def _capture(self, model: torch.nn.Module, data: torch.Tensor, b: int, w: int):
-        enc = model.item_encoder
+    def _capture(self, data: torch.Tensor, b: int, w: int):
+        model, enc = self.model, self.model.item_encoder
         view, enc.weight = enc.weight, data  # the whole storage: appended rows are read without a new capture
         try:
             static_in = torch.zeros(b, w, dtype=torch.long, device=data.device)
@@ -207,14 +204,13 @@ class ForwardGraphs:
         return graph, static_in, static_out
 
     @torch.inference_mode()
-    def users(
-        self, model: torch.nn.Module, data: torch.Tensor, seqs: Sequence[Sequence[int]]
-    ) -> torch.Tensor:
-        """``Recommender.users`` by graph replay: (B, dim) float32 on the device."""
+    def users(self, data: torch.Tensor, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
+        """``Recommender.users`` by graph replay, ``data`` the item table's whole storage: (B, dim) float32 on the
+        device."""
         if len(seqs) > self.max_batch:
             m = self.max_batch
-            return torch.cat([self.users(model, data, seqs[i : i + m]) for i in range(0, len(seqs), m)])
-        key = self._key(model, data)
+            return torch.cat([self.users(data, seqs[i : i + m]) for i in range(0, len(seqs), m)])
+        key = (data.data_ptr(), data.shape[0], getattr(self.model, "mask_id", None))
         if key != self.key:
             self.graphs.clear()  # frees the old captures' memory with their pool
             self.key, self.pool = key, torch.cuda.graph_pool_handle()
@@ -222,7 +218,7 @@ class ForwardGraphs:
         w = min(self.window, _bucket(max(len(s) for s in seqs), self.MIN_WIDTH))
         entry = self.graphs.get((b, w))
         if entry is None:
-            entry = self.graphs[(b, w)] = self._capture(model, data, b, w)
+            entry = self.graphs[(b, w)] = self._capture(data, b, w)
         graph, static_in, static_out = entry
         static_in.copy_(torch.from_numpy(left_padded(seqs, w, b)))
         graph.replay()
@@ -278,7 +274,7 @@ class Recommender:
             raise RecommenderLoadError(f"srs/{self.backbone}.safetensors does not fit its config: {e}") from e
         # GRU4Rec packs its sequences by length on the host: not capturable, it runs eagerly.
         self.graphs = (
-            ForwardGraphs(self.window)
+            ForwardGraphs(self.model, self.window)
             if spec.cuda_graphs and self.device.type == "cuda" and spec.backbone != "gru4rec"
             else None
         )
@@ -315,8 +311,8 @@ class Recommender:
             **self.index.describe(),
             "scoring": self.scoring,
             "recall_at_10": self.index_recall,
-            "cuda_graphs": self.graphs
-            is not None,  # the backbone's forward (the recommend path's other half)
+            # The backbone's forward, the recommend path's other half.
+            "cuda_graphs": self.graphs is not None,
         }
 
     def status(self) -> dict[str, Any]:
@@ -361,7 +357,7 @@ class Recommender:
         """(B, dim) float32 on the backbone's device: the user vector of each history (already cut to the window)."""
         if self.graphs is not None:
             try:
-                return self.graphs.users(self.model, self.item_rows.data, seqs)
+                return self.graphs.users(self.item_rows.data, seqs)
             except RuntimeError as e:  # a forward this GPU or torch build cannot capture: eager from now on
                 log.warning("CUDA graphs off for this bundle's backbone (%s); running it eagerly", e)
                 self.graphs = None
