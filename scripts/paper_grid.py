@@ -189,6 +189,25 @@ def build_jobs(args: argparse.Namespace) -> list[Job]:
                 # The residual dropped whole in training (the best Beauty row with the reference loss), with this loss.
                 lab = "LLMEmb+ID rdrop0.5 (CE)"
                 rat("sasrec", "LLMEmb+ID", seed, tuned, label=lab, extra=ce + ("--residual-dropout", "0.5"))
+                # Both at once (the LLM2X-like residual must leave the semantic branch able to rank alone), and
+                # both built on the raw LLM table instead of the SCFT one (on Beauty's title-only prompts the
+                # frozen rows are better without SCFT, and LLM2X's own init is the raw table's PCA).
+                pcainit = ce + ("--residual-pca-init",)
+                for p in ("0.2", "0.5"):
+                    lab = f"LLMEmb+ID pcainit rdrop{p} (CE)"
+                    rat(
+                        "sasrec",
+                        "LLMEmb+ID",
+                        seed,
+                        tuned,
+                        label=lab,
+                        extra=pcainit + ("--residual-dropout", p),
+                    )
+                rat("sasrec", "LLMEmb+ID", seed, raw, label="LLMEmb+ID pcainit w/o SCFT (CE)", extra=pcainit)
+                lab = "LLMEmb+ID pcainit rdrop0.5 w/o SCFT (CE)"
+                rat(
+                    "sasrec", "LLMEmb+ID", seed, raw, label=lab, extra=pcainit + ("--residual-dropout", "0.5")
+                )
                 nxt = args.seeds[(args.seeds.index(seed) + 1) % len(args.seeds)]
                 if nxt != seed:
                     fuse(f"id-{d}-s{seed}", "ID-SASRec + ID-SASRec", seed, b_job=f"id-{d}-s{nxt}")
