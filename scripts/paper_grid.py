@@ -193,21 +193,11 @@ def build_jobs(args: argparse.Namespace) -> list[Job]:
                 # both built on the raw LLM table instead of the SCFT one (on Beauty's title-only prompts the
                 # frozen rows are better without SCFT, and LLM2X's own init is the raw table's PCA).
                 pcainit = ce + ("--residual-pca-init",)
-                for p in ("0.2", "0.5"):
-                    lab = f"LLMEmb+ID pcainit rdrop{p} (CE)"
-                    rat(
-                        "sasrec",
-                        "LLMEmb+ID",
-                        seed,
-                        tuned,
-                        label=lab,
-                        extra=pcainit + ("--residual-dropout", p),
-                    )
-                rat("sasrec", "LLMEmb+ID", seed, raw, label="LLMEmb+ID pcainit w/o SCFT (CE)", extra=pcainit)
-                lab = "LLMEmb+ID pcainit rdrop0.5 w/o SCFT (CE)"
-                rat(
-                    "sasrec", "LLMEmb+ID", seed, raw, label=lab, extra=pcainit + ("--residual-dropout", "0.5")
-                )
+                for table, tag, drops in ((tuned, "", ("0.2", "0.5")), (raw, " w/o SCFT", (None, "0.5"))):
+                    for p in drops:
+                        rdrop, extra = (f" rdrop{p}", ("--residual-dropout", p)) if p else ("", ())
+                        lab = f"LLMEmb+ID pcainit{rdrop}{tag} (CE)"
+                        rat("sasrec", "LLMEmb+ID", seed, table, label=lab, extra=pcainit + extra)
                 nxt = args.seeds[(args.seeds.index(seed) + 1) % len(args.seeds)]
                 if nxt != seed:
                     fuse(f"id-{d}-s{seed}", "ID-SASRec + ID-SASRec", seed, b_job=f"id-{d}-s{nxt}")
